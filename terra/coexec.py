@@ -1,0 +1,373 @@
+"""Co-execution of one step: placeholders, feed/fetch, validation, fallback.
+
+A `StepRun` is the handler of one step's `TerraTrace`. It is in one mode:
+
+- TRACING: run each op eagerly, record it (op key + input origins).
+- COEXEC: check each op against the TraceGraph node Python is expected to
+  reach next; return placeholders; dispatch segments to the executor thread
+  as soon as their inputs exist; feed Python values; fetch on demand.
+- FALLBACK: after a divergence, finish the step like TRACING. Values of the
+  co-executed prefix resolve from dispatched segments or by evaluating their
+  recorded dependency cone.
+- PASSTHROUGH: after an internal failure, plain eager execution, no record.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+from runtime.executor import wait
+from terra.generate import ARG_IN, CONST, ENV, LIVE, Program, Segment
+from terra.intercept import (
+    Placeholder, TerraTrace, aval_of, eval_primitive, has_host_effect, user_location,
+)
+from terra.trace import ARG, FEED, NODE, GraphNode, Op, Recording, feed_token, params_equal, tokens_equal
+
+if TYPE_CHECKING:
+    from terra.api import StepFunction
+
+TRACING, COEXEC, FALLBACK, PASSTHROUGH = "tracing", "coexec", "fallback", "passthrough"
+
+
+class TerraInternalError(RuntimeError):
+    """A failure inside Terra itself (raised only in strict mode)."""
+
+
+class TerraWarning(UserWarning):
+    """Terra fell back to eager execution, or gave up on a step function."""
+
+
+class StepRun:
+    """Everything about one call of a step function."""
+
+    def __init__(self, owner: "StepFunction", mode: str, program: Program | None,
+                 arg_leaves: list):
+        self.owner = owner
+        self.graph = owner._graph
+        self.stats = owner._stats
+        self.mode = mode
+        self.program = program
+        self.active = True
+        self.args = arg_leaves
+        self.arg_ids: dict[int, int] = {}
+        self.arg_avals: list = [None] * len(arg_leaves)
+        for i, x in enumerate(arg_leaves):
+            if isinstance(x, jax.Array) and id(x) not in self.arg_ids:
+                self.arg_ids[id(x)] = i
+                self.arg_avals[i] = aval_of(x)
+        self.rec = Recording()
+        self.nodes: list[GraphNode] = []     # COEXEC: the validated path
+        self.node: GraphNode = self.graph.root
+        self.env: dict = {}                  # ValueKey -> device value from a segment or host op
+        self.cone: dict = {}                 # ValueKey -> value computed eagerly on demand
+        self.futures: dict = {}              # id(Segment) -> Future of its dispatch
+
+    # -- the trace calls this for every primitive ----------------------------
+    def apply(self, trace: TerraTrace, prim, args, params):
+        if self.mode == COEXEC:
+            try:
+                result = self._apply_coexec(trace, prim, args, params)
+            except Exception as err:  # Terra's own failure: finish eagerly
+                self.internal_failure(err, "validating an op")
+                result = None
+            if result is not None:
+                return result
+        if self.mode == PASSTHROUGH:
+            return self._apply_passthrough(prim, args, params)
+        return self._apply_eager(trace, prim, args, params)
+
+    # -- COEXEC --------------------------------------------------------------
+    def _apply_coexec(self, trace, prim, args, params):
+        """Validate against the expected node; None means: run this op eagerly."""
+        for child in self.node.children:
+            op = child.op
+            if op.prim is prim and self._inputs_match(op, args) and params_equal(op.params, params):
+                break
+        else:
+            self._diverge(f"expected {self._expected()}, got {prim.name}")
+            return None
+        if child not in self.program.members:
+            self._diverge(f"{prim.name} follows a path the current graph does not cover yet")
+            return None
+        pos = child.pos
+        if op.feed_slots:
+            values = tuple(args[k] for k in op.feed_slots)
+            for k, v in zip(op.feed_slots, values):
+                if child.predicted(k) and not tokens_equal(child.feed_tokens[k], feed_token(v)):
+                    self.graph.mark_varying(child, k)
+                    self._diverge(f"a feed to {prim.name} changed value (now fed live)")
+                    return None
+            self.rec.feeds[pos] = values
+            self.stats.feeds += len(values)
+        self.nodes.append(child)
+        self.rec.ops.append(op)
+        self.node = child
+        if op.host_effect:
+            outs = self._run_host_op(pos, op, args)
+        else:
+            outs = None
+        for seg in self.program.dispatch_at.get(child, ()):
+            self._dispatch(seg)
+        if outs is None:
+            phs = [Placeholder(trace, aval, self, pos, o) for o, aval in enumerate(op.out_avals)]
+        else:
+            phs = [Placeholder(trace, aval, self, pos, o, v)
+                   for o, (aval, v) in enumerate(zip(op.out_avals, outs))]
+        return phs if op.multiple_results else phs[0]
+
+    def _inputs_match(self, op: Op, args) -> bool:
+        if len(args) != len(op.inputs):
+            return False
+        for (kind, a, b), x in zip(op.inputs, args):
+            if kind == NODE:
+                if type(x) is not Placeholder or x._run is not self or x._pos != a or x._out != b:
+                    return False
+            elif kind == ARG:
+                if x is not self.args[a] or self.arg_avals[a] != b:
+                    return False
+            else:
+                if (type(x) is Placeholder and x._run is self) or id(x) in self.arg_ids:
+                    return False
+                if aval_of(x) != a:
+                    return False
+        return True
+
+    def _expected(self) -> str:
+        names = [c.op.prim.name for c in self.node.children]
+        return " or ".join(names) if names else "the step to end"
+
+    def _run_host_op(self, pos: int, op: Op, args) -> list:
+        """Ops with host effects (prints, callbacks) run now, in Python's order."""
+        vals = [self._concrete(x) for x in args]
+        out = eval_primitive(op.prim, vals, op.params)
+        outs = list(out) if op.multiple_results else [out]
+        for o, v in enumerate(outs):
+            self.env[(pos, o)] = v
+        return outs
+
+    def _dispatch(self, seg: Segment) -> None:
+        """Send a segment to the executor thread; its inputs all exist now."""
+        env, args, feeds = self.env, self.args, self.rec.feeds
+        executable = seg.executable
+
+        def job():
+            vals = []
+            for i, (kind, a, b) in enumerate(seg.inputs):
+                if kind == ENV:
+                    vals.append(env[(a, b)])
+                elif kind == ARG_IN:
+                    vals.append(_device_value(args[a]))
+                elif kind == LIVE:
+                    vals.append(_device_value(feeds[a][_slot_index(self, a, b)]))
+                else:
+                    vals.append(seg.constants[i])
+            outs = executable(*vals)
+            for key, v in zip(seg.outputs, outs):
+                env[key] = v
+
+        self.futures[id(seg)] = self.owner._executor.dispatch(job)
+        self.stats.segments_dispatched += 1
+
+    def _diverge(self, reason: str) -> None:
+        where = user_location()
+        self.stats.divergences += 1
+        self.stats.fallbacks += 1
+        self.stats.last_divergence = f"{where}: {reason}"
+        self.mode = FALLBACK
+
+    # -- TRACING / FALLBACK ----------------------------------------------------
+    def _apply_eager(self, trace, prim, args, params):
+        pos = len(self.rec.ops)
+        inputs, vals, feeds, slots = [], [], [], []
+        for k, x in enumerate(args):
+            if type(x) is Placeholder and x._run is self:
+                inputs.append((NODE, x._pos, x._out))
+                vals.append(x.value())
+                continue
+            i = self.arg_ids.get(id(x))
+            if i is not None and self.args[i] is x:
+                inputs.append((ARG, i, self.arg_avals[i]))
+            else:
+                inputs.append((FEED, aval_of(x), None))
+                feeds.append(x)
+                slots.append(k)
+            vals.append(x.value() if type(x) is Placeholder else x)
+        out = eval_primitive(prim, vals, params)  # the user's errors surface here, as in eager
+        outs = out if prim.multiple_results else (out,)
+        avals = tuple(aval_of(o) for o in outs)
+        try:
+            op = Op(prim, params, tuple(inputs), avals, prim.multiple_results,
+                    user_location(), has_host_effect(prim, params), tuple(slots))
+            self.rec.ops.append(op)
+            if feeds:
+                self.rec.feeds[pos] = tuple(feeds)
+        except Exception as err:
+            self.internal_failure(err, "recording an op")
+            return out
+        phs = [Placeholder(trace, a, self, pos, o, v) for o, (a, v) in enumerate(zip(avals, outs))]
+        return phs if prim.multiple_results else phs[0]
+
+    def _apply_passthrough(self, prim, args, params):
+        return eval_primitive(prim, [self._concrete(x) for x in args], params)
+
+    @staticmethod
+    def _concrete(x: Any) -> Any:
+        return x.value() if type(x) is Placeholder else x
+
+    # -- values ----------------------------------------------------------------
+    def resolve(self, pos: int, out: int) -> Any:
+        """Value of op `pos` output `out`: from its segment, else by evaluating its cone."""
+        key = (pos, out)
+        v = self._available(key)
+        if v is None:
+            v = self._evaluate_cone(key)
+        return v
+
+    def _available(self, key) -> Any:
+        v = self.env.get(key)
+        if v is not None:
+            return v
+        v = self.cone.get(key)
+        if v is not None:
+            return v
+        pos = key[0]
+        if self.program is None or pos >= len(self.nodes):
+            return None
+        seg = self.program.segment_of.get(self.nodes[pos])
+        if seg is None or key not in seg.output_set:
+            return None
+        future = self.futures.get(id(seg))
+        if future is None:
+            return None
+        if not future.done():
+            self.stats.fetch_waits += 1
+        try:
+            wait(future)
+        except Exception as err:  # the segment failed to run: recompute eagerly
+            self.internal_failure(err, "running a segment")
+            self.futures.pop(id(seg), None)
+            return None
+        return self.env.get(key)
+
+    def _evaluate_cone(self, key) -> Any:
+        """Compute a value eagerly from the ops that produce it."""
+        stack = [key]
+        while stack:
+            top = stack[-1]
+            if self._available(top) is not None:
+                stack.pop()
+                continue
+            pos = top[0]
+            op = self.rec.ops[pos]
+            missing = [(a, b) for kind, a, b in op.inputs
+                       if kind == NODE and self._available((a, b)) is None]
+            if missing:
+                stack.extend(missing)
+                continue
+            vals = []
+            for k, (kind, a, b) in enumerate(op.inputs):
+                if kind == NODE:
+                    vals.append(self._available((a, b)))
+                elif kind == ARG:
+                    vals.append(_device_value(self.args[a]))
+                else:
+                    vals.append(_device_value(self.rec.feeds[pos][op.feed_slots.index(k)]))
+            out = eval_primitive(op.prim, vals, op.params)
+            outs = out if op.multiple_results else (out,)
+            for o, v in enumerate(outs):
+                self.cone[(pos, o)] = v
+            self.stats.cone_evaluations += 1
+            stack.pop()
+        return self.cone[key]
+
+    def fetch(self, ph: Placeholder) -> Any:
+        """Python needs the concrete value of `ph` (a sync point if not ready)."""
+        self.stats.fetches += 1
+        if self.active and ph._run is self:
+            key = (ph._pos, ph._out)
+            self.rec.fetches.append((len(self.rec.ops) - 1, key))
+            if self.mode == COEXEC and not (self.node.fetch_after and key in self.node.needed):
+                self.graph.note_fetch(self.node, key)  # unplanned: next graph cuts here
+        v = ph.value()
+        _wait_ready(v, self.stats)
+        return v
+
+    # -- step boundaries ---------------------------------------------------------
+    def finish(self, out: Any) -> Any:
+        """The step returned: unwrap returned placeholders, learn from the trace."""
+        self.active = False
+        leaves, treedef = jax.tree.flatten(out)
+        returned = []
+        for i, x in enumerate(leaves):
+            if type(x) is Placeholder:
+                if x._run is self:
+                    returned.append((x._pos, x._out))
+                leaves[i] = x.value()
+        if self.mode == COEXEC:
+            self.stats.coexecuted += 1
+            node = self.node
+            if not node.ends_here or any(k not in node.needed for k in returned):
+                self.graph.note_end(node, returned)
+        elif self.mode in (TRACING, FALLBACK):
+            if self.mode == TRACING:
+                self.stats.traced += 1
+            else:
+                self.stats.coexecuted += 1
+            self.rec.returned = returned
+            self.graph.merge(self.rec)
+        self._release()
+        return jax.tree.unflatten(treedef, leaves)
+
+    def abort(self) -> None:
+        """The step raised: nothing is learned; held placeholders stay resolvable."""
+        self.active = False
+        if self.mode in (COEXEC, FALLBACK):
+            self.stats.coexecuted += 1
+        elif self.mode == TRACING:
+            self.stats.traced += 1
+        self._release()
+
+    def _release(self) -> None:
+        """Drop references to other steps' placeholders so memory stays bounded."""
+        self.args = [_device_value(x) if type(x) is Placeholder else x for x in self.args]
+        for pos, values in self.rec.feeds.items():
+            if any(type(v) is Placeholder for v in values):
+                self.rec.feeds[pos] = tuple(_device_value(v) if type(v) is Placeholder else v
+                                            for v in values)
+
+    def internal_failure(self, err: BaseException, doing: str) -> None:
+        """Terra itself failed: raise in strict mode, else warn once and go eager."""
+        self.stats.internal_errors += 1
+        if self.owner._strict:
+            raise TerraInternalError(f"terra failed while {doing}: {err!r}") from err
+        if self.stats.internal_errors == 1:
+            warnings.warn(f"terra: internal error while {doing} in "
+                          f"{self.owner.__name__!r} ({err!r}); finishing this step eagerly. "
+                          "Set TERRA_STRICT=1 to raise instead.", TerraWarning, stacklevel=3)
+        self.mode = PASSTHROUGH
+
+
+def _slot_index(run: StepRun, pos: int, slot: int) -> int:
+    return run.rec.ops[pos].feed_slots.index(slot)
+
+
+def _device_value(x: Any) -> Any:
+    return x.value() if type(x) is Placeholder else x
+
+
+def _wait_ready(v: Any, stats) -> None:
+    """Block until XLA has computed `v`, staying responsive to Ctrl-C."""
+    is_ready = getattr(v, "is_ready", None)
+    if is_ready is None:
+        v.block_until_ready()
+        return
+    if is_ready():
+        return
+    stats.fetch_waits += 1
+    delay = 2e-5
+    while not is_ready():
+        time.sleep(delay)
+        delay = min(delay * 2, 1e-3)

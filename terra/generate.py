@@ -1,0 +1,233 @@
+"""Generation: TraceGraph -> segments -> compiled XLA executables.
+
+The TraceGraph is cut into *blocks*: straight runs of ops with no branch (a
+block ends where the graph branches or where a step ended). Inside a block,
+ops are grouped into *segments* by the live feeds they depend on:
+
+- level 0: ops that need only step arguments, predicted feeds and values of
+  earlier blocks. Dispatched as soon as Python enters the block, so the graph
+  runs ahead of Python.
+- level g > 0: ops that (transitively) need the g-th group of live feeds, a
+  value Python supplies mid-block. Dispatched when Python supplies the last
+  feed of group g. A fetch closes a group, so a fetched value's segment is
+  always dispatched before Python asks for it.
+
+Each segment is one jitted function that replays its ops with `bind`; its
+inputs are arguments, feeds and values of other segments, and its outputs are
+the values anything outside the segment uses (another segment, a fetch, a
+returned value). A `Program` is the set of segments of one TraceGraph version.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from terra.trace import ARG, FEED, NODE, GraphNode, TraceGraph, ValueKey
+
+# Segment input kinds.
+ENV = 0      # (ENV, pos, out): a value computed by another segment or by Python
+ARG_IN = 1   # (ARG_IN, leaf_index, None): a step argument
+LIVE = 2     # (LIVE, pos, slot): a feed Python supplies when it applies op `pos`
+CONST = 3    # (CONST, pos, slot): a predicted feed; the program holds its value
+
+# Live feeds closer than this many ops share one group (one dispatch).
+GROUP_SPAN = 32
+
+
+@dataclass(eq=False)
+class Segment:
+    """A jitted piece of the skeleton graph."""
+
+    nodes: list                                      # GraphNodes, in program order
+    inputs: list = field(default_factory=list)       # [(kind, a, b)]
+    in_avals: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)      # [ValueKey]
+    constants: dict = field(default_factory=dict)    # input index -> predicted value
+    executable: Any = None
+
+    def finalize(self) -> None:
+        self.output_set = frozenset(self.outputs)
+        by_pos = {n.pos: n for n in self.nodes}
+        for i, (kind, pos, k) in enumerate(self.inputs):
+            if kind == CONST:
+                node = by_pos[pos]
+                self.constants[i] = device_constant(node.feed_values[k], self.in_avals[i])
+
+    @property
+    def signature(self) -> tuple:
+        """Identifies the computation: same nodes, inputs and outputs."""
+        return (tuple(n.id for n in self.nodes), tuple(self.inputs), tuple(self.outputs))
+
+
+@dataclass(eq=False)
+class Program:
+    """All segments generated from one version of a TraceGraph."""
+
+    version: int
+    segment_of: dict            # GraphNode -> Segment (absent for host-effect ops)
+    dispatch_at: dict           # GraphNode -> [Segment] to dispatch once Python validated it
+    members: frozenset          # GraphNodes this program knows
+    segments: list
+
+
+def build_program(graph: TraceGraph) -> Program:
+    """Cut the TraceGraph into blocks and segments (Python work, no compiling)."""
+    with graph.lock:
+        segment_of: dict[GraphNode, Segment] = {}
+        dispatch_at: dict[GraphNode, list] = {}
+        members: set[GraphNode] = set()
+        segments: list[Segment] = []
+        level_of: dict[GraphNode, int] = {}
+        for block in _blocks(graph.root):
+            members.update(block)
+            for level, (nodes, dispatch_node) in sorted(_assign_levels(block, level_of).items()):
+                seg = Segment(nodes)
+                for n in nodes:
+                    segment_of[n] = seg
+                dispatch_at.setdefault(dispatch_node, []).append(seg)
+                segments.append(seg)
+        _wire_inputs_and_outputs(graph.root, segment_of)
+        for seg in segments:
+            seg.finalize()
+        return Program(graph.version, segment_of, dispatch_at, frozenset(members), segments)
+
+
+def _blocks(root: GraphNode):
+    """Maximal straight runs of nodes: a block ends at a branch or a step end."""
+    starts = list(root.children)
+    while starts:
+        node = starts.pop()
+        block = [node]
+        while len(node.children) == 1 and not node.ends_here:
+            node = node.children[0]
+            block.append(node)
+        starts.extend(node.children)
+        yield block
+
+
+def _assign_levels(block: list, level_of: dict) -> dict:
+    """Group a block's ops by the live-feed group they depend on.
+
+    Returns {level: (nodes, node after which the segment can be dispatched)}.
+    """
+    first_pos = block[0].pos
+    group, group_start, closed = 0, 0, True
+    last_live_of_group: dict[int, GraphNode] = {}
+    levels: dict[int, list] = {}
+    for i, node in enumerate(block):
+        op = node.op
+        live = op.host_effect or any(not node.predicted(k) for k in op.feed_slots)
+        level = 0
+        if live:
+            if closed or i - group_start >= GROUP_SPAN:
+                group, group_start, closed = group + 1, i, False
+            level = group
+            last_live_of_group[group] = node
+        for kind, p, _ in op.inputs:
+            if kind == NODE and p >= first_pos:
+                level = max(level, level_of[block[p - first_pos]])
+        level_of[node] = level
+        if not op.host_effect:
+            levels.setdefault(level, []).append(node)
+        if node.fetch_after or op.host_effect:
+            closed = True
+    return {lvl: (nodes, block[0] if lvl == 0 else last_live_of_group[lvl])
+            for lvl, nodes in levels.items()}
+
+
+def _wire_inputs_and_outputs(root: GraphNode, segment_of: dict) -> None:
+    """Walk every path; give each segment its inputs and needed outputs."""
+    inputs_seen: dict[int, set] = {}
+    outputs_seen: dict[int, set] = {}
+    path: list[GraphNode] = []
+    stack = [(child, 0) for child in reversed(root.children)]
+
+    def need(producer: GraphNode, key: ValueKey, consumer: Segment | None) -> None:
+        seg = segment_of.get(producer)
+        if seg is None or seg is consumer:
+            return
+        seen = outputs_seen.setdefault(id(seg), set())
+        if key not in seen:
+            seen.add(key)
+            seg.outputs.append(key)
+
+    def take(seg: Segment, inp: tuple, aval) -> None:
+        seen = inputs_seen.setdefault(id(seg), set())
+        if inp not in seen:
+            seen.add(inp)
+            seg.inputs.append(inp)
+            seg.in_avals.append(aval)
+
+    while stack:
+        node, depth = stack.pop()
+        del path[depth:]
+        path.append(node)
+        seg = segment_of.get(node)
+        for k, (kind, a, b) in enumerate(node.op.inputs):
+            if kind == NODE:
+                producer = path[a]
+                need(producer, (a, b), seg)
+                if seg is not None and segment_of.get(producer) is not seg:
+                    take(seg, (ENV, a, b), producer.op.out_avals[b])
+            elif seg is None:
+                continue
+            elif kind == ARG:
+                take(seg, (ARG_IN, a, None), b)
+            elif node.predicted(k):
+                take(seg, (CONST, node.pos, k), a)
+            else:
+                take(seg, (LIVE, node.pos, k), a)
+        for p, o in node.needed:
+            need(path[p], (p, o), None)
+        for child in reversed(node.children):
+            stack.append((child, depth + 1))
+
+
+def segment_function(seg: Segment) -> Callable:
+    """The function jit traces for a segment: replay its ops with `bind`."""
+    index = {inp: i for i, inp in enumerate(seg.inputs)}
+
+    def source(pos: int, k: int, inp: tuple) -> tuple:
+        kind, a, b = inp
+        if kind == NODE:
+            i = index.get((ENV, a, b))
+            return ("env", (a, b)) if i is None else ("in", i)
+        if kind == ARG:
+            return ("in", index[(ARG_IN, a, None)])
+        i = index.get((LIVE, pos, k))
+        return ("in", index[(CONST, pos, k)] if i is None else i)
+
+    steps = [(n.pos, n.op, [source(n.pos, k, inp) for k, inp in enumerate(n.op.inputs)])
+             for n in seg.nodes]
+    outputs = seg.outputs
+
+    def run(*xs):
+        env: dict = {}
+        for pos, op, sources in steps:
+            vals = [env[ref] if where == "env" else xs[ref] for where, ref in sources]
+            out = op.prim.bind(*vals, **op.params)
+            if op.multiple_results:
+                for o, v in enumerate(out):
+                    env[(pos, o)] = v
+            else:
+                env[(pos, 0)] = out
+        return [env[key] for key in outputs]
+
+    return run
+
+
+def compile_segment(seg: Segment) -> Any:
+    """Lower and compile one segment (runs in the compile thread)."""
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))
+             for a in seg.in_avals]
+    return jax.jit(segment_function(seg), keep_unused=True).lower(*specs).compile()
+
+
+def device_constant(value: Any, aval) -> Any:
+    """A predicted feed value as a device array of the traced dtype."""
+    if isinstance(value, jax.Array):
+        return value
+    return jax.device_put(np.asarray(value, dtype=aval.dtype))

@@ -1,0 +1,38 @@
+"""Counters a user or a test can read: `step_fn.stats()`."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Stats:
+    """What happened to one `terra.function` so far.
+
+    Example:
+        >>> s = train_step.stats()
+        >>> s.coexecuted, s.fallbacks, s.compiles        # doctest: +SKIP
+    """
+
+    steps: int = 0            # calls
+    traced: int = 0           # steps run eagerly while recording a trace
+    coexecuted: int = 0       # steps started in co-execution (incl. ones that diverged)
+    divergences: int = 0      # co-executed steps where Python did something new
+    fallbacks: int = 0        # steps finished eagerly after a divergence
+    compiles: int = 0         # graphs generated and compiled (one per TraceGraph version)
+    segments_compiled: int = 0
+    segments_dispatched: int = 0
+    feeds: int = 0            # Python values fed to the graph (live and predicted)
+    fetches: int = 0          # values Python asked for
+    fetch_waits: int = 0      # fetches that had to wait for the graph (sync points)
+    cone_evaluations: int = 0 # values computed eagerly because no segment produced them
+    eager: int = 0            # steps run without Terra (disabled, given up, nested)
+    internal_errors: int = 0  # Terra failures that fell back to eager
+    paths: int = 0            # distinct step endings in the TraceGraph
+    last_divergence: str = ""
+    gave_up: str = ""
+    history: list = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("history")
+        return d
