@@ -1,0 +1,94 @@
+"""Command line: `python -m terra run --step NAME script.py [args...]`.
+
+Runs an unmodified script as `__main__`, with each named module-level function
+wrapped by `terra.function` right where the script defines it.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+import types
+from typing import Sequence
+
+
+class _WrapSteps(ast.NodeTransformer):
+    """After `def NAME(...)` at module level, insert `NAME = terra.function(NAME)`."""
+
+    def __init__(self, names: set[str]):
+        self.names = names
+        self.found: set[str] = set()
+
+    def _wrap_body(self, body: list) -> list:
+        out = []
+        for stmt in body:
+            out.append(self.visit(stmt))
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and stmt.name in self.names:
+                self.found.add(stmt.name)
+                out.append(ast.parse(
+                    f"{stmt.name} = __import__('terra').function({stmt.name})").body[0])
+        return out
+
+    def visit_Module(self, node: ast.Module) -> ast.Module:
+        node.body = self._wrap_body(node.body)
+        return node
+
+    # Module-level control flow (`if __name__ == "__main__":`, try/with) still
+    # defines module-level functions; function and class bodies do not.
+    def _visit_block_owner(self, node):
+        for field in ("body", "orelse", "finalbody"):
+            if hasattr(node, field):
+                setattr(node, field, self._wrap_body(getattr(node, field)))
+        for handler in getattr(node, "handlers", []):
+            handler.body = self._wrap_body(handler.body)
+        return node
+
+    visit_If = visit_Try = visit_With = visit_For = visit_While = _visit_block_owner
+
+    def visit_FunctionDef(self, node):
+        return node
+
+    visit_AsyncFunctionDef = visit_ClassDef = visit_FunctionDef
+
+
+def run_script(path: str, steps: Sequence[str], argv: Sequence[str]) -> None:
+    """Execute `path` as __main__ with the functions named in `steps` wrapped."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    tree = ast.parse(source, filename=path)
+    wrapper = _WrapSteps(set(steps))
+    tree = ast.fix_missing_locations(wrapper.visit(tree))
+    missing = set(steps) - wrapper.found
+    if missing:
+        raise SystemExit(f"terra run: {path} defines no module-level function named "
+                         f"{', '.join(sorted(missing))}; pass the name of the step function "
+                         "with --step NAME")
+    code = compile(tree, path, "exec")
+    sys.argv = [path, *argv]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    module = types.ModuleType("__main__")
+    module.__file__ = path
+    module.__builtins__ = __builtins__
+    sys.modules["__main__"] = module  # pickle and `import __main__` see the script
+    exec(code, module.__dict__)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m terra",
+                                     description="Terra: co-execute imperative JAX programs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an unmodified script with step functions co-executed")
+    run.add_argument("--step", action="append", required=True, metavar="NAME",
+                     help="module-level function to wrap with terra.function (repeatable)")
+    run.add_argument("script", help="the Python script to run as __main__")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    ns = parser.parse_args(argv)
+    if ns.command == "run":
+        if not os.path.isfile(ns.script):
+            raise SystemExit(f"terra run: no such script: {ns.script}")
+        run_script(ns.script, ns.step, ns.args)
+
+
+if __name__ == "__main__":
+    main()
