@@ -24,7 +24,7 @@ from typing import Any, Callable, TypeVar
 
 import jax
 
-from runtime.executor import GraphExecutor, default_executor
+from runtime.executor import GraphExecutor, default_executor, wait
 from terra.coexec import COEXEC, TRACING, StepRun, TerraInternalError, TerraWarning
 from terra.generate import Program, build_program, compile_segment
 from terra.intercept import TerraTrace, install
@@ -49,6 +49,7 @@ class StepFunction:
         self._fn = fn
         self._max_graphs = max_graphs
         self._strict = _env_flag("TERRA_STRICT") if strict is None else strict
+        self._sync_compile = _env_flag("TERRA_SYNC_COMPILE")
         self._executor = executor or default_executor()
         self._graph = TraceGraph()
         self._stats = Stats()
@@ -121,6 +122,9 @@ class StepFunction:
 
         stats.compiles += 1
         self._pending = self._executor.compile(compile_program)
+        if self._sync_compile:  # tests: deterministic switch to co-execution
+            wait(self._pending)
+            self._adopt_compiled_program()
 
     def _adopt_compiled_program(self) -> None:
         pending = self._pending
