@@ -1,0 +1,433 @@
+"""Differential testing: run a program eagerly and under Terra, demand the same.
+
+A *program* is a function ``program(wrap)`` (or ``program(wrap, steps)``) that
+
+* builds FRESH state every time it is called (parameters, lists, objects, data),
+* wraps its step function with ``wrap`` -- ``step = wrap(fn)`` or ``@wrap`` --
+  which is the identity for the eager run and ``terra.function`` for the Terra run,
+* runs its training loop, and
+* returns ``(results, side_effects)``: two arbitrary pytrees.
+
+:func:`differential` runs the program twice, eagerly first and then under Terra,
+capturing ``sys.stdout`` of each run with :func:`contextlib.redirect_stdout`, and
+asserts that the two runs are indistinguishable:
+
+* **printed output** is equal line by line. Inside each line the text between
+  numbers must be identical (whitespace runs are ignored, so numpy's column
+  padding may differ) and every number is compared with the float tolerance below;
+* **results** and **side effects** are equal: same pytree structure; array leaves
+  have the same shape and dtype and equal values within the tolerance
+  (``np.testing.assert_allclose``); Python floats are compared with the same
+  tolerance; strings are compared like printed text; every other leaf (ints,
+  bools, None, arbitrary objects) must be exactly equal;
+* **exceptions** escaping the program are equal: same type, same message (message
+  compared like printed text).
+
+Then it checks that Terra really co-executed: the ``coexecuted`` counts of all the
+step functions the program wrapped must add up to at least ``min_coexecuted``
+(default ``steps // 2``), so a test fails if Terra silently ran everything eagerly.
+It also checks that Terra saw exactly as many step calls as the eager run made.
+
+Float tolerance
+---------------
+``RTOL = 1e-4``, ``ATOL = 1e-5`` (``|a - b| <= ATOL + RTOL * |b|``).
+Co-execution runs the step's ops as one compiled XLA graph instead of op by op,
+and **XLA fusion reorders float ops** (reassociated sums, fused multiply-adds,
+different reduction trees), so float32 results may differ from eager in the last
+few bits; over ~10 training steps that stays far below this tolerance. A number
+inside printed text is additionally allowed to differ by one unit in its last
+printed digit (``f"{loss:.4f}"`` of two values within tolerance can round to
+neighbouring last digits). Integers and every non-float value must match exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import io
+import math
+import re
+import warnings
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+RTOL = 1e-4
+ATOL = 1e-5
+
+__all__ = [
+    "RTOL",
+    "ATOL",
+    "Wrap",
+    "Outcome",
+    "Differential",
+    "run_program",
+    "differential",
+    "assert_same_text",
+    "assert_same_tree",
+    "stats_dict",
+]
+
+
+# --------------------------------------------------------------------------- wrap
+
+
+class Wrap:
+    """The ``wrap`` a program receives.
+
+    ``wrap(fn)`` / ``@wrap`` / ``wrap(fn, **options)`` / ``@wrap(**options)``.
+    Eager mode returns ``fn`` itself (only counting calls); Terra mode returns
+    ``terra.function(fn, **options)``. Every wrapped function is recorded in
+    :attr:`functions` so the harness can read the Terra stats afterwards.
+
+    ``wrap.terra`` tells the program which run it is in (a program must not
+    behave differently because of it, except for :meth:`note`).
+    ``wrap.stats()`` is the summed stats dict of all wrapped functions so far
+    (``None`` in eager mode). ``wrap.note(key, value)`` stores diagnostic values
+    that are NOT compared between the runs (e.g. per-step stats snapshots).
+    """
+
+    def __init__(self, mode: str, wrapper: Callable | None = None):
+        assert mode in ("eager", "terra")
+        self.mode = mode
+        self._wrapper = wrapper
+        self.functions: list[Any] = []
+        self.calls = 0
+        self.notes: dict[str, list] = {}
+
+    @property
+    def terra(self) -> bool:
+        return self.mode == "terra"
+
+    def __call__(self, fn=None, /, **options):
+        if fn is None:
+            return lambda f: self(f, **options)
+        if self.mode == "eager":
+            wrapped = self._count(fn)
+        else:
+            wrapped = self._wrapper(fn, **options) if options else self._wrapper(fn)
+        self.functions.append(wrapped)
+        return wrapped
+
+    def _count(self, fn):
+        # A plain function, so it still binds as a method when used as a decorator
+        # inside a class body.
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def stats(self) -> dict | None:
+        if self.mode == "eager":
+            return None
+        return sum_stats(self.functions)
+
+    def note(self, key: str, value: Any) -> None:
+        self.notes.setdefault(key, []).append(value)
+
+
+def stats_dict(fn) -> dict:
+    """``fn.stats()`` as a plain dict of ints."""
+    s = fn.stats()
+    if hasattr(s, "as_dict"):
+        d = dict(s.as_dict())
+    else:
+        d = {k: v for k, v in vars(s).items() if not k.startswith("_")}
+    return d
+
+
+def sum_stats(functions) -> dict:
+    total: dict = {}
+    for f in functions:
+        for k, v in stats_dict(f).items():
+            if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+                total[k] = total.get(k, 0) + int(v)
+    return total
+
+
+class _Stats:
+    """Attribute access over a stats dict (``res.stats.coexecuted``)."""
+
+    def __init__(self, d: dict):
+        self._d = dict(d)
+
+    def __getattr__(self, name):
+        try:
+            return self._d[name]
+        except KeyError:
+            raise AttributeError(f"stats has no field {name!r}; has {sorted(self._d)}")
+
+    def as_dict(self) -> dict:
+        return dict(self._d)
+
+    def __repr__(self):
+        return f"Stats({self._d})"
+
+
+# ------------------------------------------------------------------------ running
+
+
+@dataclasses.dataclass
+class Outcome:
+    mode: str
+    stdout: str
+    results: Any = None
+    side_effects: Any = None
+    exception: BaseException | None = None
+    wrap: Wrap | None = None
+    warnings: list = dataclasses.field(default_factory=list)
+
+    @property
+    def notes(self) -> dict:
+        return self.wrap.notes if self.wrap is not None else {}
+
+    @property
+    def lines(self) -> list[str]:
+        return self.stdout.splitlines()
+
+
+def _call_program(program, wrap, steps):
+    try:
+        params = inspect.signature(program).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if steps is not None and "steps" in params:
+        return program(wrap, steps=steps)
+    return program(wrap)
+
+
+def run_program(program, mode: str = "eager", steps: int | None = None) -> Outcome:
+    """Run ``program`` once in ``mode`` ('eager' or 'terra') and capture everything."""
+    wrapper = None
+    if mode == "terra":
+        import terra  # imported lazily so eager-only checks work without it
+
+        wrapper = terra.function
+    wrap = Wrap(mode, wrapper)
+    buf = io.StringIO()
+    out = Outcome(mode=mode, stdout="", wrap=wrap)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with contextlib.redirect_stdout(buf):
+            try:
+                ret = _call_program(program, wrap, steps)
+            except Exception as e:  # the program's own exception is a result too
+                out.exception = e
+            else:
+                if not (isinstance(ret, tuple) and len(ret) == 2):
+                    raise TypeError(
+                        "a differential program must return (results, side_effects), "
+                        f"got {type(ret).__name__}"
+                    )
+                out.results, out.side_effects = ret
+    out.stdout = buf.getvalue()
+    out.warnings = [f"{w.category.__name__}: {w.message}" for w in caught]
+    return out
+
+
+# --------------------------------------------------------------------- comparing
+
+_NUM = re.compile(
+    r"(?<![\w.])[-+]?(?:(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|nan|inf)(?![\w])"
+)
+
+
+def _last_digit_unit(tok: str) -> float:
+    """One unit in the last printed digit of a float token (0 for integers)."""
+    t = tok.lstrip("+-").lower()
+    if t in ("nan", "inf"):
+        return 0.0
+    mant, _, exp = t.partition("e")
+    if "." not in mant and not exp:
+        return 0.0  # an integer: exact
+    decimals = len(mant.split(".", 1)[1]) if "." in mant else 0
+    return 10.0 ** (int(exp or 0) - decimals)
+
+
+def _numbers_close(a: str, b: str, rtol: float, atol: float) -> bool:
+    fa, fb = float(a), float(b)
+    if math.isnan(fa) or math.isnan(fb):
+        return math.isnan(fa) and math.isnan(fb)
+    if math.isinf(fa) or math.isinf(fb):
+        return fa == fb
+    unit = max(_last_digit_unit(a), _last_digit_unit(b))
+    return abs(fa - fb) <= atol + rtol * abs(fb) + unit * 1.0000001
+
+
+def _text_close(a: str, b: str, rtol: float, atol: float) -> str | None:
+    """None when equal-within-tolerance, else a short reason."""
+    ta, tb = _NUM.split(a), _NUM.split(b)
+    na, nb = _NUM.findall(a), _NUM.findall(b)
+    if len(na) != len(nb):
+        return f"different number of numbers ({len(na)} vs {len(nb)})"
+    for sa, sb in zip(ta, tb):
+        if "".join(sa.split()) != "".join(sb.split()):
+            return f"text differs: {sa!r} vs {sb!r}"
+    for xa, xb in zip(na, nb):
+        if not _numbers_close(xa, xb, rtol, atol):
+            return f"number differs: {xa} vs {xb}"
+    return None
+
+
+def assert_same_text(eager: str, terra: str, what: str = "stdout",
+                     rtol: float = RTOL, atol: float = ATOL) -> None:
+    le, lt = eager.splitlines(), terra.splitlines()
+    for i, (a, b) in enumerate(zip(le, lt)):
+        why = _text_close(a, b, rtol, atol)
+        if why is not None:
+            raise AssertionError(
+                f"{what} line {i + 1} differs ({why}):\n  eager: {a!r}\n  terra: {b!r}"
+            )
+    if len(le) != len(lt):
+        extra = le[len(lt):] if len(le) > len(lt) else lt[len(le):]
+        raise AssertionError(
+            f"{what}: eager printed {len(le)} lines, terra {len(lt)}; "
+            f"first extra lines: {extra[:5]!r}"
+        )
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (np.ndarray, np.generic, jax.Array)) or (
+        hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "__array__")
+    )
+
+
+def _as_numpy(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.asarray(x)
+
+
+def _leaf_equal(a, b, path: str, rtol: float, atol: float) -> None:
+    if _is_array(a) or _is_array(b):
+        if not (_is_array(a) and _is_array(b)):
+            raise AssertionError(
+                f"{path}: eager leaf is {type(a).__name__}, terra leaf is {type(b).__name__}"
+            )
+        da, db = getattr(a, "dtype", None), getattr(b, "dtype", None)
+        if str(da) != str(db):
+            raise AssertionError(f"{path}: dtype {da} (eager) vs {db} (terra)")
+        xa, xb = _as_numpy(a), _as_numpy(b)
+        if xa.shape != xb.shape:
+            raise AssertionError(f"{path}: shape {xa.shape} (eager) vs {xb.shape} (terra)")
+        if np.issubdtype(xa.dtype, np.inexact):
+            np.testing.assert_allclose(xb, xa, rtol=rtol, atol=atol,
+                                       err_msg=f"{path} (actual=terra, desired=eager)")
+        else:
+            np.testing.assert_array_equal(xb, xa, err_msg=f"{path} (actual=terra, desired=eager)")
+        return
+    if isinstance(a, float) and isinstance(b, float) and type(a) is type(b):
+        if math.isnan(a) and math.isnan(b):
+            return
+        if not abs(a - b) <= atol + rtol * abs(a):
+            raise AssertionError(f"{path}: {a!r} (eager) vs {b!r} (terra)")
+        return
+    if isinstance(a, str) and isinstance(b, str):
+        why = _text_close(a, b, rtol, atol)
+        if why is not None:
+            raise AssertionError(f"{path}: {why}:\n  eager: {a!r}\n  terra: {b!r}")
+        return
+    if type(a) is not type(b):
+        raise AssertionError(
+            f"{path}: type {type(a).__name__} (eager) vs {type(b).__name__} (terra): {a!r} vs {b!r}"
+        )
+    if isinstance(a, bytes):
+        if a != b:
+            raise AssertionError(f"{path}: bytes differ ({len(a)} vs {len(b)} bytes)")
+        return
+    if not (a == b):
+        raise AssertionError(f"{path}: {a!r} (eager) vs {b!r} (terra)")
+
+
+def assert_same_tree(eager, terra, what: str = "results",
+                     rtol: float = RTOL, atol: float = ATOL) -> None:
+    pe, te = jax.tree_util.tree_flatten_with_path(eager)
+    pt, tt = jax.tree_util.tree_flatten_with_path(terra)
+    if te != tt:
+        raise AssertionError(f"{what}: pytree structure differs:\n  eager: {te}\n  terra: {tt}")
+    for (path, a), (_, b) in zip(pe, pt):
+        _leaf_equal(a, b, what + jax.tree_util.keystr(path), rtol, atol)
+
+
+def _exception_text(e: BaseException | None) -> str:
+    if e is None:
+        return "no exception"
+    return f"{type(e).__module__}.{type(e).__qualname__}: {e}"
+
+
+# -------------------------------------------------------------------- differential
+
+
+@dataclasses.dataclass
+class Differential:
+    eager: Outcome
+    terra: Outcome
+
+    @property
+    def functions(self) -> list:
+        """The Terra step functions the program wrapped (in wrap order)."""
+        return self.terra.wrap.functions
+
+    @property
+    def stats(self) -> _Stats:
+        """Summed stats of all wrapped Terra step functions."""
+        return _Stats(sum_stats(self.functions))
+
+    @property
+    def history(self) -> list:
+        """Per-step stats snapshots the program noted with ``wrap.note('stats', wrap.stats())``."""
+        return self.terra.notes.get("stats", [])
+
+    def describe(self) -> str:
+        warn = "\n    ".join(self.terra.warnings[:10]) or "(none)"
+        return f"terra stats: {self.stats.as_dict()}\n  terra warnings:\n    {warn}"
+
+
+def differential(program, steps: int | None = 10, min_coexecuted: int | None = None,
+                 rtol: float = RTOL, atol: float = ATOL) -> Differential:
+    """Run ``program`` eagerly and under Terra; assert both runs are identical.
+
+    ``steps`` is passed to programs that take a ``steps`` parameter; it also sets the
+    default ``min_coexecuted = steps // 2``. Returns the :class:`Differential`, whose
+    ``stats`` / ``functions`` let the test make further assertions.
+    """
+    eager = run_program(program, "eager", steps)
+    if eager.wrap.functions == []:
+        raise AssertionError("the program never called wrap(): nothing would be tested")
+    terra_out = run_program(program, "terra", steps)
+    res = Differential(eager, terra_out)
+
+    # Exceptions first: a Terra-internal failure (TERRA_STRICT=1) surfaces here.
+    if _exception_text(eager.exception) != _exception_text(terra_out.exception):
+        ea, ta = eager.exception, terra_out.exception
+        same_type = ea is not None and ta is not None and type(ea) is type(ta)
+        if not (same_type and _text_close(str(ea), str(ta), rtol, atol) is None):
+            msg = (f"exceptions differ:\n  eager: {_exception_text(ea)}\n"
+                   f"  terra: {_exception_text(ta)}")
+            if ta is not None:
+                raise AssertionError(msg) from ta
+            raise AssertionError(msg)
+
+    assert_same_text(eager.stdout, terra_out.stdout, "stdout", rtol, atol)
+    assert_same_tree(eager.results, terra_out.results, "results", rtol, atol)
+    assert_same_tree(eager.side_effects, terra_out.side_effects, "side_effects", rtol, atol)
+
+    st = res.stats
+    if st.as_dict().get("steps", eager.wrap.calls) != eager.wrap.calls:
+        raise AssertionError(
+            f"eager made {eager.wrap.calls} step calls but terra counted "
+            f"{st.steps}\n  {res.describe()}"
+        )
+    if min_coexecuted is None:
+        min_coexecuted = (steps or 0) // 2
+    if st.coexecuted < min_coexecuted:
+        raise AssertionError(
+            f"terra co-executed only {st.coexecuted} steps, expected >= {min_coexecuted} "
+            f"(did it silently run eagerly?)\n  {res.describe()}"
+        )
+    return res
