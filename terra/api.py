@@ -27,13 +27,14 @@ import jax
 from runtime.executor import GraphExecutor, default_executor, wait
 from terra.coexec import COEXEC, TRACING, StepRun, TerraInternalError, TerraWarning
 from terra.generate import Program, build_program, compile_segment
-from terra.intercept import TerraTrace, install
+from terra.intercept import TerraTrace, install, install_autodiff_hooks
 from terra.telemetry import Stats
 from terra.trace import TraceGraph
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _active = threading.local()  # the StepRun this thread is inside, if any
+install_autodiff_hooks()
 
 
 def _env_flag(name: str) -> bool:

@@ -20,11 +20,15 @@ from typing import TYPE_CHECKING, Any
 import jax
 
 from runtime.executor import wait
+from terra.autodiff import GRAD, GradSpec, apply_gradient_op, external_inputs
 from terra.generate import ARG_IN, CONST, ENV, LIVE, Program, Segment
 from terra.intercept import (
-    Placeholder, TerraTrace, aval_of, eval_primitive, has_host_effect, user_location,
+    GradCall, Placeholder, TerraTrace, aval_of, check_gradient_output, copy_value, eager,
+    eval_primitive, has_host_effect, user_location,
 )
-from terra.trace import ARG, FEED, NODE, GraphNode, Op, Recording, feed_token, params_equal, tokens_equal
+from terra.trace import (
+    ARG, FEED, FEED_REF, NODE, GraphNode, Op, Recording, feed_token, params_equal, tokens_equal,
+)
 
 if TYPE_CHECKING:
     from terra.api import StepFunction
@@ -38,6 +42,18 @@ class TerraInternalError(RuntimeError):
 
 class TerraWarning(UserWarning):
     """Terra fell back to eager execution, or gave up on a step function."""
+
+
+class Region:
+    """A function being differentiated by `jax.grad` with autodiff elision."""
+
+    __slots__ = ("start", "diff", "open", "captured")
+
+    def __init__(self, start: int, diff: tuple):
+        self.start = start          # position of the region's first op
+        self.diff = diff            # ValueKeys of the differentiated copies
+        self.open = True
+        self.captured: dict = {}    # external input -> value, seen by eager ops
 
 
 class StepRun:
@@ -64,6 +80,7 @@ class StepRun:
         self.env: dict = {}                  # ValueKey -> device value from a segment or host op
         self.cone: dict = {}                 # ValueKey -> value computed eagerly on demand
         self.futures: dict = {}              # id(Segment) -> Future of its dispatch
+        self.region: Region | None = None    # open autodiff-elision region
 
     # -- the trace calls this for every primitive ----------------------------
     def apply(self, trace: TerraTrace, prim, args, params):
@@ -102,6 +119,11 @@ class StepRun:
                     return None
             self.rec.feeds[pos] = values
             self.stats.feeds += len(values)
+        return self._enter_node(trace, child, args)
+
+    def _enter_node(self, trace, child: GraphNode, args):
+        """Python reached `child`: dispatch what became ready, return placeholders."""
+        op, pos = child.op, child.pos
         self.nodes.append(child)
         self.rec.ops.append(op)
         self.node = child
@@ -111,12 +133,23 @@ class StepRun:
             outs = None
         for seg in self.program.dispatch_at.get(child, ()):
             self._dispatch(seg)
+        region = self._differentiated_region(args)
         if outs is None:
-            phs = [Placeholder(trace, aval, self, pos, o) for o, aval in enumerate(op.out_avals)]
+            phs = [Placeholder(trace, aval, self, pos, o, None, region)
+                   for o, aval in enumerate(op.out_avals)]
         else:
-            phs = [Placeholder(trace, aval, self, pos, o, v)
+            phs = [Placeholder(trace, aval, self, pos, o, v, region)
                    for o, (aval, v) in enumerate(zip(op.out_avals, outs))]
         return phs if op.multiple_results else phs[0]
+
+    def _differentiated_region(self, args) -> Region | None:
+        """The open region if any input is being differentiated (outputs are too)."""
+        region = self.region
+        if region is not None:
+            for x in args:
+                if type(x) is Placeholder and x._region is region:
+                    return region
+        return None
 
     def _inputs_match(self, op: Op, args) -> bool:
         if len(args) != len(op.inputs):
@@ -195,6 +228,14 @@ class StepRun:
                 feeds.append(x)
                 slots.append(k)
             vals.append(x.value() if type(x) is Placeholder else x)
+        region = self.region
+        if region is not None:  # keep what the gradient op will read from outside
+            for k, (inp, v) in enumerate(zip(inputs, vals)):
+                if inp[0] == FEED:
+                    region.captured[(FEED_REF, pos, k)] = v
+                elif inp[0] == ARG or inp[1] < region.start:
+                    region.captured[inp] = v
+            region = self._differentiated_region(args)
         out = eval_primitive(prim, vals, params)  # the user's errors surface here, as in eager
         outs = out if prim.multiple_results else (out,)
         avals = tuple(aval_of(o) for o in outs)
@@ -207,8 +248,88 @@ class StepRun:
         except Exception as err:
             self.internal_failure(err, "recording an op")
             return out
-        phs = [Placeholder(trace, a, self, pos, o, v) for o, (a, v) in enumerate(zip(avals, outs))]
+        phs = [Placeholder(trace, a, self, pos, o, v, region)
+               for o, (a, v) in enumerate(zip(avals, outs))]
         return phs if prim.multiple_results else phs[0]
+
+    # -- autodiff elision ------------------------------------------------------
+    def in_region(self) -> bool:
+        return self.region is not None and self.mode != PASSTHROUGH
+
+    def differentiate(self, call: GradCall, args: tuple, kwargs: dict) -> Any:
+        """`jax.grad(f)(*args)`: run f's primal ops, then one gradient op."""
+        argnums = (call.argnums,) if isinstance(call.argnums, int) else tuple(call.argnums)
+        if (self.region is not None or self.mode == PASSTHROUGH or not self.active
+                or not argnums or max(argnums) >= len(args)):
+            return call.original(*args, **kwargs)
+        leaves, treedef = jax.tree.flatten([args[i] for i in argnums])
+        if not leaves or not all(_differentiable(x) for x in leaves):
+            return call.original(*args, **kwargs)
+        copies = [copy_value(x) for x in leaves]
+        if not all(type(c) is Placeholder and c._run is self for c in copies):
+            return call.original(*args, **kwargs)
+        region = Region(len(self.rec.ops), tuple((c._pos, c._out) for c in copies))
+        for c in copies:
+            c._region = region
+        new_args = list(args)
+        for i, tree in zip(argnums, jax.tree.unflatten(treedef, copies)):
+            new_args[i] = tree
+        self.region = region
+        try:
+            out = call.fun(*new_args, **kwargs)
+        finally:
+            region.open = False
+            self.region = None
+        if call.has_aux:
+            if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                raise TypeError("value_and_grad with has_aux=True requires the function to "
+                                f"return a pair (output, aux); got {out!r}")
+            value, aux = out
+        else:
+            value, aux = out, None
+        check_gradient_output(value)
+        if type(value) is Placeholder and value._run is self and self.mode != PASSTHROUGH:
+            grads = self._gradient_op(region, (value._pos, value._out), copies)
+        else:  # the output does not depend on anything traced in this step
+            grads = [jax.numpy.zeros_like(c) for c in copies]
+        trees = jax.tree.unflatten(treedef, grads)
+        g = trees[0] if isinstance(call.argnums, int) else tuple(trees)
+        if call.with_value:
+            return ((value, aux), g) if call.has_aux else (value, g)
+        return (g, aux) if call.has_aux else g
+
+    def _gradient_op(self, region: Region, out_key: tuple, copies: list) -> list:
+        pos = len(self.rec.ops)
+        spec = GradSpec(region.start, pos, region.diff, out_key,
+                        tuple((p, self.rec.ops[p]) for p in range(region.start, pos)))
+        trace = copies[0]._trace
+        if self.mode == COEXEC:
+            for child in self.node.children:
+                if child.op.prim is GRAD and child.op.params["spec"] == spec:
+                    if child in self.program.members:
+                        return self._enter_node(trace, child, ())
+                    break
+            self._diverge("the differentiated function took a new path")
+        inputs = [(NODE, p, o) for p, o in region.diff] + external_inputs(spec)
+        vals = [self._region_input(region, inp) for inp in inputs]
+        op = Op(GRAD, {"spec": spec}, tuple(inputs), (), True, user_location(), False, ())
+        with eager():
+            grads = apply_gradient_op(op, vals)
+        op.out_avals = tuple(aval_of(g) for g in grads)
+        self.rec.ops.append(op)
+        return [Placeholder(trace, a, self, pos, o, g)
+                for o, (a, g) in enumerate(zip(op.out_avals, grads))]
+
+    def _region_input(self, region: Region, inp: tuple) -> Any:
+        v = region.captured.get(inp)
+        if v is not None:
+            return v
+        kind, a, b = inp
+        if kind == NODE:
+            return self.resolve(a, b)
+        if kind == ARG:
+            return _device_value(self.args[a])
+        return _device_value(self.rec.feeds[a][self.rec.ops[a].feed_slots.index(b)])
 
     def _apply_passthrough(self, prim, args, params):
         return eval_primitive(prim, [self._concrete(x) for x in args], params)
@@ -273,10 +394,17 @@ class StepRun:
                     vals.append(self._available((a, b)))
                 elif kind == ARG:
                     vals.append(_device_value(self.args[a]))
-                else:
+                elif kind == FEED:
                     vals.append(_device_value(self.rec.feeds[pos][op.feed_slots.index(k)]))
-            out = eval_primitive(op.prim, vals, op.params)
-            outs = out if op.multiple_results else (out,)
+                else:
+                    vals.append(_device_value(
+                        self.rec.feeds[a][self.rec.ops[a].feed_slots.index(b)]))
+            if op.prim is GRAD:
+                with eager():
+                    outs = apply_gradient_op(op, vals)
+            else:
+                out = eval_primitive(op.prim, vals, op.params)
+                outs = out if op.multiple_results else (out,)
             for o, v in enumerate(outs):
                 self.cone[(pos, o)] = v
             self.stats.cone_evaluations += 1
@@ -348,6 +476,11 @@ class StepRun:
                           f"{self.owner.__name__!r} ({err!r}); finishing this step eagerly. "
                           "Set TERRA_STRICT=1 to raise instead.", TerraWarning, stacklevel=3)
         self.mode = PASSTHROUGH
+
+
+def _differentiable(x: Any) -> bool:
+    """Leaves Terra differentiates itself: float arrays (others go to JAX)."""
+    return isinstance(x, jax.Array) and jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)
 
 
 def _slot_index(run: StepRun, pos: int, slot: int) -> int:

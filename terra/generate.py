@@ -25,7 +25,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from terra.trace import ARG, FEED, NODE, GraphNode, TraceGraph, ValueKey
+from terra.autodiff import GRAD, apply_gradient_op
+from terra.intercept import bind_op
+from terra.trace import ARG, FEED_REF, NODE, GraphNode, TraceGraph, ValueKey
 
 # Segment input kinds.
 ENV = 0      # (ENV, pos, out): a value computed by another segment or by Python
@@ -50,11 +52,6 @@ class Segment:
 
     def finalize(self) -> None:
         self.output_set = frozenset(self.outputs)
-        by_pos = {n.pos: n for n in self.nodes}
-        for i, (kind, pos, k) in enumerate(self.inputs):
-            if kind == CONST:
-                node = by_pos[pos]
-                self.constants[i] = device_constant(node.feed_values[k], self.in_avals[i])
 
     @property
     def signature(self) -> tuple:
@@ -127,7 +124,7 @@ def _assign_levels(block: list, level_of: dict) -> dict:
             level = group
             last_live_of_group[group] = node
         for kind, p, _ in op.inputs:
-            if kind == NODE and p >= first_pos:
+            if (kind == NODE or kind == FEED_REF) and p >= first_pos:
                 level = max(level, level_of[block[p - first_pos]])
         level_of[node] = level
         if not op.host_effect:
@@ -154,12 +151,21 @@ def _wire_inputs_and_outputs(root: GraphNode, segment_of: dict) -> None:
             seen.add(key)
             seg.outputs.append(key)
 
-    def take(seg: Segment, inp: tuple, aval) -> None:
+    def take(seg: Segment, inp: tuple, aval, feed_of: GraphNode | None = None) -> None:
         seen = inputs_seen.setdefault(id(seg), set())
         if inp not in seen:
             seen.add(inp)
+            if inp[0] == CONST:
+                seg.constants[len(seg.inputs)] = device_constant(feed_of.feed_values[inp[2]], aval)
             seg.inputs.append(inp)
             seg.in_avals.append(aval)
+
+    def take_feed(seg: Segment, fed: GraphNode, k: int) -> None:
+        aval = fed.op.inputs[k][1]
+        if fed.predicted(k):
+            take(seg, (CONST, fed.pos, k), aval, fed)
+        else:
+            take(seg, (LIVE, fed.pos, k), aval)
 
     while stack:
         node, depth = stack.pop()
@@ -176,10 +182,10 @@ def _wire_inputs_and_outputs(root: GraphNode, segment_of: dict) -> None:
                 continue
             elif kind == ARG:
                 take(seg, (ARG_IN, a, None), b)
-            elif node.predicted(k):
-                take(seg, (CONST, node.pos, k), a)
+            elif kind == FEED_REF:
+                take_feed(seg, path[a], b)
             else:
-                take(seg, (LIVE, node.pos, k), a)
+                take_feed(seg, node, k)
         for p, o in node.needed:
             need(path[p], (p, o), None)
         for child in reversed(node.children):
@@ -197,6 +203,8 @@ def segment_function(seg: Segment) -> Callable:
             return ("env", (a, b)) if i is None else ("in", i)
         if kind == ARG:
             return ("in", index[(ARG_IN, a, None)])
+        if kind == FEED_REF:
+            pos, k = a, b
         i = index.get((LIVE, pos, k))
         return ("in", index[(CONST, pos, k)] if i is None else i)
 
@@ -208,7 +216,7 @@ def segment_function(seg: Segment) -> Callable:
         env: dict = {}
         for pos, op, sources in steps:
             vals = [env[ref] if where == "env" else xs[ref] for where, ref in sources]
-            out = op.prim.bind(*vals, **op.params)
+            out = apply_gradient_op(op, vals) if op.prim is GRAD else bind_op(op.prim, vals, op.params)
             if op.multiple_results:
                 for o, v in enumerate(out):
                     env[(pos, o)] = v

@@ -10,11 +10,16 @@ fetch their concrete value only when Python asks for it.
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any, Callable, Protocol
 
+import jax
 import numpy as np
-from jax._src import core
+from jax._src import api_util, core
+from jax._src import linear_util as lu
+from jax._src.interpreters import partial_eval as pe
+from jax._src.lax import lax as lax_internal
 
 Primitive = core.Primitive
 AbstractValue = core.AbstractValue
@@ -31,6 +36,8 @@ class Handler(Protocol):
     def apply(self, trace: "TerraTrace", prim: Primitive, args: tuple, params: dict) -> Any: ...
     def resolve(self, pos: int, out: int) -> Any: ...
     def fetch(self, placeholder: "Placeholder") -> Any: ...
+    def in_region(self) -> bool: ...
+    def differentiate(self, grad_call: "GradCall", args: tuple, kwargs: dict) -> Any: ...
 
 
 class TerraTrace(core.Trace):
@@ -55,19 +62,38 @@ class TerraTrace(core.Trace):
         with core.set_current_trace(self):
             return f.call_wrapped(*tracers)
 
+    # Inside a region whose gradient Terra computes (autodiff elision), a custom
+    # derivative must survive into the replay: record it as one staged op.
     def process_custom_jvp_call(self, primitive, fun, jvp, tracers, /, *, symbolic_zeros):
+        if self.handler.in_region():
+            staged = _stage_custom_call(primitive, (fun, jvp), tracers,
+                                        dict(symbolic_zeros=symbolic_zeros))
+            if staged is not None:
+                return self._apply_staged(primitive, tracers, staged)
         with core.set_current_trace(self):
             return fun.call_wrapped(*tracers)
 
     def process_custom_vjp_call(self, primitive, fun, fwd, bwd, tracers, /, *,
                                 out_trees, symbolic_zeros):
+        if self.handler.in_region():
+            staged = _stage_custom_call(primitive, (fun, fwd, bwd), tracers,
+                                        dict(out_trees=out_trees, symbolic_zeros=symbolic_zeros))
+            if staged is not None:
+                return self._apply_staged(primitive, tracers, staged)
         with core.set_current_trace(self):
             return fun.call_wrapped(*tracers)
+
+    def _apply_staged(self, primitive, tracers, staged):
+        params, consts, n_outs = staged
+        outs = self.handler.apply(self, primitive, (*consts, *tracers), params)
+        return outs if n_outs is None else list(outs)
 
 
 def _fetched(method: str) -> Callable:
     """A method that fetches the value and applies `method` to the jax.Array."""
     def forward(self, *args, **kwargs):
+        if self._differentiated() and hasattr(core.Tracer, method):
+            return getattr(core.Tracer, method)(self, *args, **kwargs)
         return getattr(self.fetch(), method)(*args, **kwargs)
     forward.__name__ = method
     return forward
@@ -80,16 +106,22 @@ class Placeholder(core.Tracer):
     (possibly still being computed by XLA) and never changes.
     """
 
-    __slots__ = ("_run", "_pos", "_out", "_value")
+    __slots__ = ("_run", "_pos", "_out", "_value", "_region")
 
     def __init__(self, trace: TerraTrace, aval: AbstractValue, run: Handler,
-                 pos: int, out: int, value: Any = None):
+                 pos: int, out: int, value: Any = None, region: Any = None):
         self._trace = trace
         self.aval = aval
         self._run = run
         self._pos = pos
         self._out = out
         self._value = value
+        self._region = region   # set while the value is being differentiated
+
+    def _differentiated(self) -> bool:
+        """Inside `jax.grad(f)` this value is a JAX GradTracer in eager mode."""
+        region = self._region
+        return region is not None and region.open
 
     # -- value access -------------------------------------------------------
     def value(self) -> Any:
@@ -113,7 +145,11 @@ class Placeholder(core.Tracer):
         return self.value()
 
     # -- conversions Python uses on a value (each one is a fetch) ------------
+    # A value being differentiated behaves as eager's GradTracer does: bool,
+    # int and index see its primal value; float, numpy and friends raise.
     def __array__(self, dtype=None, copy=None):
+        if self._differentiated():
+            return core.Tracer.__array__(self)
         return np.asarray(self.fetch(), dtype=dtype)
 
     def __bool__(self):
@@ -123,9 +159,13 @@ class Placeholder(core.Tracer):
         return int(self.fetch())
 
     def __float__(self):
+        if self._differentiated():
+            return core.Tracer.__float__(self)
         return float(self.fetch())
 
     def __complex__(self):
+        if self._differentiated():
+            return core.Tracer.__complex__(self)
         return complex(self.fetch())
 
     def __index__(self):
@@ -138,15 +178,26 @@ class Placeholder(core.Tracer):
         return oct(self.fetch())
 
     def __repr__(self):
+        if self._differentiated():
+            return (f"GradTracer(primal={self.fetch()!s}, "
+                    f"typeof(tangent)={self.aval.str_short(True)})")
         return repr(self.fetch())
 
     def __str__(self):
+        if self._differentiated():
+            return repr(self)
         return str(self.fetch())
 
     def __format__(self, spec):
+        if self._differentiated():
+            if spec:
+                raise TypeError("unsupported format string passed to LinearizeTracer.__format__")
+            return repr(self)
         return format(self.fetch(), spec)
 
     def __reduce__(self):  # pickles by value, as a jax.Array
+        if self._differentiated():
+            return core.Tracer.__reduce__(self)
         return self.fetch().__reduce__()
 
     def __copy__(self):
@@ -202,10 +253,144 @@ def install(trace: TerraTrace):
     return core.set_current_trace(trace)
 
 
+def bind_op(prim: Primitive, args: Any, params: dict) -> Any:
+    """Apply a recorded op to `args` under whatever trace is current."""
+    return prim.bind(*args, **prim.get_bind_params(params))
+
+
 def eval_primitive(prim: Primitive, args: Any, params: dict) -> Any:
     """Run one primitive eagerly, below any Terra trace."""
     with core.take_current_trace():
-        return prim.bind(*args, **params)
+        return bind_op(prim, args, params)
+
+
+def eager():
+    """Context manager: JAX ops inside run eagerly, below any Terra trace."""
+    return core.take_current_trace()
+
+
+def copy_value(x: Any) -> Any:
+    """A fresh value equal to `x`: one `copy` op under the current trace."""
+    return lax_internal.copy_p.bind(x)
+
+
+# -- custom derivatives inside an elided region ------------------------------
+# A custom_jvp/custom_vjp call is staged the way `jax.jit` stages it: one op
+# whose params hold the primal jaxpr and the rule. Staging traces the user's
+# function once; later calls with the same function, rule and avals reuse it.
+_staged_cache: dict = {}
+
+
+def _stage_custom_call(prim, subfuns: tuple, tracers, params: dict):
+    """(params, consts, n_outs) of the staged op, or None to inline instead."""
+    in_avals = tuple(core.typeof(t) for t in tracers)
+    try:
+        key = (prim, tuple((f.f, f.transforms) for f in subfuns[:1]),
+               tuple(f.f for f in subfuns[1:]), in_avals, params.get("symbolic_zeros"))
+        hash(key)
+    except Exception:
+        key = None
+    if key is not None and key in _staged_cache:
+        staged, stored = _staged_cache[key]
+        if _refill_stores(subfuns, stored):
+            return staged
+
+    def call(*xs):
+        return prim.bind(*xs, subfuns=subfuns, **params)
+
+    try:
+        debug = api_util.debug_info("terra custom call", call, tuple(tracers), {})
+        jaxpr, _, consts = pe.trace_to_jaxpr_dynamic(lu.wrap_init(call, debug_info=debug), in_avals)
+    except Exception:
+        return None
+    if len(jaxpr.eqns) != 1 or jaxpr.eqns[0].primitive is not prim:
+        return None
+    eqn = jaxpr.eqns[0]
+    sources = {v: ("const", i) for i, v in enumerate(jaxpr.constvars)}
+    sources.update({v: ("arg", i) for i, v in enumerate(jaxpr.invars)})
+    order = [sources.get(v) for v in eqn.invars]
+    # The staged op must read its consts first, then exactly the call's arguments.
+    expected = [("const", i) for i in range(len(consts))] + [("arg", i) for i in range(len(tracers))]
+    if order != expected or list(jaxpr.outvars) != list(eqn.outvars):
+        return None
+    staged = (eqn.params, tuple(consts), len(eqn.outvars) if prim.multiple_results else None)
+    if key is not None:
+        _staged_cache[key] = (staged, _stored_values(subfuns))
+    return staged
+
+
+def _stored_values(subfuns: tuple) -> list:
+    """What calling the functions left in their output stores (tree structures)."""
+    def value(store):
+        try:
+            return None if store is None else store.val
+        except lu.StoreException:
+            return None
+    return [[value(store) for store in f.stores] for f in subfuns]
+
+
+def _refill_stores(subfuns: tuple, stored: list) -> bool:
+    """Fill a new call's stores as running the functions would have; False if impossible."""
+    try:
+        for f, values in zip(subfuns, stored):
+            for store, val in zip(f.stores, values):
+                if store is not None and val is not None:
+                    store.store(val)
+        return True
+    except Exception:
+        return False
+
+
+# -- jax.grad / jax.value_and_grad: hand the call to the step's handler --------
+
+class GradCall:
+    """One `jax.grad`/`value_and_grad` application, as the handler sees it."""
+
+    __slots__ = ("fun", "argnums", "has_aux", "with_value", "original")
+
+    def __init__(self, fun, argnums, has_aux, with_value, original):
+        self.fun, self.argnums, self.has_aux = fun, argnums, has_aux
+        self.with_value, self.original = with_value, original
+
+
+def check_gradient_output(value: Any) -> None:
+    """Raise what `jax.value_and_grad` raises for a non-scalar or non-float output."""
+    from jax._src import api
+    api._check_scalar(value)
+    api._check_output_dtype_revderiv("grad", False, value)
+
+
+def current_handler() -> Handler | None:
+    trace = core.trace_ctx.trace
+    return trace.handler if type(trace) is TerraTrace else None
+
+
+def _elidable(original: Callable, with_value: bool) -> Callable:
+    @functools.wraps(original)
+    def transform(fun, argnums=0, has_aux=False, holomorphic=False, allow_int=False,
+                  reduce_axes=()):
+        jax_version = original(fun, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic,
+                               allow_int=allow_int, reduce_axes=reduce_axes)
+        if holomorphic or allow_int or reduce_axes:
+            return jax_version
+        call = GradCall(fun, argnums, has_aux, with_value, jax_version)
+
+        @functools.wraps(fun)
+        def differentiated(*args, **kwargs):
+            handler = current_handler()
+            if handler is None:
+                return jax_version(*args, **kwargs)
+            return handler.differentiate(call, args, kwargs)
+        return differentiated
+    transform.__terra_original__ = original
+    return transform
+
+
+def install_autodiff_hooks() -> None:
+    """Route jax.grad/value_and_grad calls made inside a step to Terra."""
+    if getattr(jax.grad, "__terra_original__", None) is None:
+        jax.grad = _elidable(jax.grad, with_value=False)
+        jax.value_and_grad = _elidable(jax.value_and_grad, with_value=True)
 
 
 aval_of: Callable[[Any], AbstractValue] = core.typeof

@@ -23,7 +23,9 @@ import numpy as np
 from terra.intercept import AbstractValue, Primitive, is_jaxpr, jaxprs_equal
 
 # Input kinds: (NODE, pos, out) | (ARG, leaf_index, aval) | (FEED, aval, None)
-NODE, ARG, FEED = 0, 1, 2
+#   | (FEED_REF, pos, slot): the value fed to op `pos` input `slot` (gradient ops
+#     read the feeds of the region they differentiate)
+NODE, ARG, FEED, FEED_REF = 0, 1, 2, 3
 Input = tuple  # (kind, a, b)
 ValueKey = tuple  # (pos, out): output `out` of op `pos` of the current step
 

@@ -1,0 +1,121 @@
+"""Autodiff elision: a gradient is one op of the trace, not hundreds.
+
+When a step calls `jax.value_and_grad(f)` / `jax.grad(f)`, Terra runs only
+f's primal Python (its side effects and validation still happen) and records
+one *gradient op* after f's ops. The gradient op is evaluated by replaying
+f's recorded primal ops under `jax.vjp` — eagerly while tracing, and inside
+the generated segment when co-executing — so the primal op sequence
+determines the backward pass and JAX's linearize/transpose machinery never
+runs in the Python skeleton.
+
+A region's ops are those recorded between the region's start and its gradient
+op; regions do not nest (a grad inside f runs JAX's own autodiff, recorded as
+ordinary ops of the region). The gradient op's inputs are the differentiated values (fresh copies of the
+`argnums` leaves, made at the region's start) followed by every value the
+region reads from outside itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from terra.intercept import bind_op
+from terra.trace import ARG, FEED_REF, NODE
+
+
+class _GradPrimitive:
+    """Marks the gradient op of an elided region (not a JAX primitive)."""
+
+    name = "terra_grad"
+    multiple_results = True
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+GRAD = _GradPrimitive()
+
+
+@dataclass(frozen=True, eq=False)
+class GradSpec:
+    """What a gradient op differentiates. Equality ignores `ops` (values recorded per step)."""
+
+    start: int                 # position of the region's first op
+    end: int                   # position of the gradient op itself
+    diff: tuple                # ValueKeys of the differentiated inputs (the copies)
+    out: tuple                 # ValueKey of the scalar being differentiated
+    ops: tuple = field(default=())  # ((pos, Op), ...) the region's ops, for replay
+
+    def key(self) -> tuple:
+        return (self.start, self.end, self.diff, self.out)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GradSpec) and self.key() == other.key()
+
+    def __hash__(self) -> int:
+        return hash(self.key())
+
+
+def external_inputs(spec: GradSpec) -> list:
+    """Inputs of the region's ops that come from outside the region, in first-use order.
+
+    NODE inputs before the region stay NODE; ARG stays ARG; a feed of op q slot
+    k becomes (FEED_REF, q, k): the same value that op q was fed.
+    """
+    seen: dict = {}
+    for pos, op in spec.ops:
+        if op.host_effect:
+            continue
+        for k, (kind, a, b) in enumerate(op.inputs):
+            if kind == NODE:
+                if a >= spec.start or (a, b) in spec.diff:
+                    continue
+                inp = (NODE, a, b)
+            elif kind == ARG:
+                inp = (ARG, a, b)
+            else:
+                inp = (FEED_REF, pos, k)
+            seen.setdefault(inp, None)
+    return list(seen)
+
+
+def gradient(spec: GradSpec, diff_values: list, external: Callable[[tuple], Any]) -> list:
+    """d(out)/d(diff) by replaying the region's primal ops under `jax.vjp`.
+
+    `external(inp)` returns the value of an external input (see
+    `external_inputs`). Works on concrete arrays (eagerly) and inside jit.
+    """
+    def primal(*diff_vals):
+        env = dict(zip(spec.diff, diff_vals))
+        for pos, op in spec.ops:
+            if op.host_effect:
+                continue
+            vals = []
+            for k, (kind, a, b) in enumerate(op.inputs):
+                if kind == NODE:
+                    v = env.get((a, b))
+                    vals.append(v if v is not None else external((NODE, a, b)))
+                elif kind == ARG:
+                    vals.append(external((ARG, a, b)))
+                else:
+                    vals.append(external((FEED_REF, pos, k)))
+            out = bind_op(op.prim, vals, op.params)
+            outs = out if op.multiple_results else (out,)
+            for o, v in enumerate(outs):
+                env[(pos, o)] = v
+        return env[spec.out]
+
+    value, pullback = jax.vjp(primal, *diff_values)
+    return list(pullback(jnp.ones_like(value)))
+
+
+
+def apply_gradient_op(op, vals: list) -> list:
+    """Evaluate a gradient op on its input values (diff values, then externals)."""
+    spec = op.params["spec"]
+    n = len(spec.diff)
+    external = dict(zip(op.inputs[n:], vals[n:]))
+    return gradient(spec, vals[:n], external.__getitem__)
