@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(PY) examples/mlp.py --compare --steps 60
 
 test: $(STAMP)
-	TERRA_STRICT=1 $(PY) -m pytest tests
+	TERRA_STRICT=1 $(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_time.py

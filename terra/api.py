@@ -26,7 +26,8 @@ import jax
 
 from runtime.executor import GraphExecutor, default_executor, wait
 from terra.coexec import COEXEC, TRACING, StepRun, TerraInternalError, TerraWarning
-from terra.generate import Program, build_program, compile_segment
+from terra import generate
+from terra.generate import Program, build_program
 from terra.intercept import TerraTrace, install, install_autodiff_hooks
 from terra.telemetry import Stats
 from terra.trace import TraceGraph
@@ -116,7 +117,7 @@ class StepFunction:
             for seg in program.segments:
                 exe = cache.get(seg.signature)
                 if exe is None:
-                    exe = cache[seg.signature] = compile_segment(seg)
+                    exe = cache[seg.signature] = generate.compile_segment(seg)
                     compiled += 1
                 seg.executable = exe
             return program, compiled

@@ -48,7 +48,9 @@ import functools
 import inspect
 import io
 import math
+import os
 import re
+import time
 import warnings
 from typing import Any, Callable
 
@@ -90,10 +92,11 @@ class Wrap:
     that are NOT compared between the runs (e.g. per-step stats snapshots).
     """
 
-    def __init__(self, mode: str, wrapper: Callable | None = None):
+    def __init__(self, mode: str, wrapper: Callable | None = None, pace: float = 0.0):
         assert mode in ("eager", "terra")
         self.mode = mode
         self._wrapper = wrapper
+        self._pace = pace
         self.functions: list[Any] = []
         self.calls = 0
         self.notes: dict[str, list] = {}
@@ -110,7 +113,21 @@ class Wrap:
         else:
             wrapped = self._wrapper(fn, **options) if options else self._wrapper(fn)
         self.functions.append(wrapped)
+        if self.mode == "terra" and self._pace > 0:
+            return self._paced(wrapped)
         return wrapped
+
+    def _paced(self, step_fn):
+        # Sleep after every Terra step (outside the step): gives background
+        # compilation wall time without changing anything the program computes.
+        @functools.wraps(step_fn)
+        def paced(*args, **kwargs):
+            try:
+                return step_fn(*args, **kwargs)
+            finally:
+                time.sleep(self._pace)
+
+        return paced
 
     def _count(self, fn):
         # A plain function, so it still binds as a method when used as a decorator
@@ -201,14 +218,15 @@ def _call_program(program, wrap, steps):
     return program(wrap)
 
 
-def run_program(program, mode: str = "eager", steps: int | None = None) -> Outcome:
+def run_program(program, mode: str = "eager", steps: int | None = None,
+                pace: float = 0.0) -> Outcome:
     """Run ``program`` once in ``mode`` ('eager' or 'terra') and capture everything."""
     wrapper = None
     if mode == "terra":
         import terra  # imported lazily so eager-only checks work without it
 
         wrapper = terra.function
-    wrap = Wrap(mode, wrapper)
+    wrap = Wrap(mode, wrapper, pace)
     buf = io.StringIO()
     out = Outcome(mode=mode, stdout="", wrap=wrap)
     with warnings.catch_warnings(record=True) as caught:
@@ -384,22 +402,42 @@ class Differential:
         return self.terra.notes.get("stats", [])
 
     def describe(self) -> str:
-        warn = "\n    ".join(self.terra.warnings[:10]) or "(none)"
+        # Terra's own warnings first, each distinct message once
+        ws = list(dict.fromkeys(self.terra.warnings))
+        ws.sort(key=lambda w: not w.startswith("TerraWarning"))
+        warn = "\n    ".join(ws[:10]) or "(none)"
         return f"terra stats: {self.stats.as_dict()}\n  terra warnings:\n    {warn}"
 
 
 def differential(program, steps: int | None = 10, min_coexecuted: int | None = None,
-                 rtol: float = RTOL, atol: float = ATOL) -> Differential:
+                 rtol: float = RTOL, atol: float = ATOL, *,
+                 sync_compile: bool | None = None, pace: float = 0.0) -> Differential:
     """Run ``program`` eagerly and under Terra; assert both runs are identical.
 
     ``steps`` is passed to programs that take a ``steps`` parameter; it also sets the
     default ``min_coexecuted = steps // 2``. Returns the :class:`Differential`, whose
     ``stats`` / ``functions`` let the test make further assertions.
+
+    ``sync_compile`` overrides ``TERRA_SYNC_COMPILE`` for the Terra run (conftest
+    sets it to 1 so short loops co-execute deterministically; ``False`` exercises the
+    production path where graphs compile in the background). ``pace`` sleeps that
+    many seconds after each Terra step, outside the step, to give a background
+    compile wall time.
     """
     eager = run_program(program, "eager", steps)
     if eager.wrap.functions == []:
         raise AssertionError("the program never called wrap(): nothing would be tested")
-    terra_out = run_program(program, "terra", steps)
+    saved = os.environ.get("TERRA_SYNC_COMPILE")
+    if sync_compile is not None:
+        os.environ["TERRA_SYNC_COMPILE"] = "1" if sync_compile else "0"
+    try:
+        terra_out = run_program(program, "terra", steps, pace)
+    finally:
+        if sync_compile is not None:
+            if saved is None:
+                os.environ.pop("TERRA_SYNC_COMPILE", None)
+            else:
+                os.environ["TERRA_SYNC_COMPILE"] = saved
     res = Differential(eager, terra_out)
 
     # Exceptions first: a Terra-internal failure (TERRA_STRICT=1) surfaces here.
@@ -430,4 +468,6 @@ def differential(program, steps: int | None = 10, min_coexecuted: int | None = N
             f"terra co-executed only {st.coexecuted} steps, expected >= {min_coexecuted} "
             f"(did it silently run eagerly?)\n  {res.describe()}"
         )
+    # shown by `pytest -rP`: what Terra did for this program
+    print(f"terra stats: {st.as_dict()}")
     return res

@@ -167,12 +167,12 @@ def test_while_on_tensor_value(kind):
             if kind == "line_search":  # backtracking: data-dependent trip count
                 lr = lr0
                 new = sgd(params, grads, lr)
-                while mse(new, x, y) > loss - 1e-4 * lr * optax.global_norm(grads) ** 2:
+                while mse(new, x, y) > loss - 1e-4 * lr * optax.tree.norm(grads) ** 2:
                     lr = lr * 0.5
                     new = sgd(params, grads, lr)
                     n += 1
             else:  # shrink the gradient until its norm is small enough
-                while optax.global_norm(grads) > 0.05:
+                while optax.tree.norm(grads) > 0.05:
                     grads = jax.tree.map(lambda g: g * 0.5, grads)
                     n += 1
                 new = sgd(params, grads, lr0)
@@ -202,7 +202,7 @@ def test_prints():
             print(f"{loss:.4f}")
             print(float(loss))
             print("step", i, "loss", loss, "b", params[-1]["b"])
-            print(f"step {i:3d} | loss {loss:10.6f} | |g| {optax.global_norm(grads):.3e}")
+            print(f"step {i:3d} | loss {loss:10.6f} | |g| {optax.tree.norm(grads):.3e}")
             print(grads[-1]["b"], file=sys.stdout)
             return sgd(params, grads, 0.2)
 
@@ -228,7 +228,7 @@ def test_list_appends_of_placeholders():
         def step(params):
             loss, grads = jax.value_and_grad(mse)(params, x, y)
             losses.append(loss)  # never fetched inside the step
-            norms.append(optax.global_norm(grads))
+            norms.append(optax.tree.norm(grads))
             preds.append(mlp(params, x[:2]))
             return sgd(params, grads, 0.2)
 
@@ -903,7 +903,7 @@ def test_python_objects_as_arguments():
             if mode == "eval":
                 return params, mse(params, xb, yb, fn)
             loss, grads = jax.value_and_grad(
-                lambda p: mse(p, xb, yb, fn) + config.l2 * optax.global_norm(p) ** 2)(params)
+                lambda p: mse(p, xb, yb, fn) + config.l2 * optax.tree.norm(p) ** 2)(params)
             return sgd(params, grads, config.lr), loss
 
         out = []
@@ -1061,3 +1061,81 @@ def test_flax_linen_with_optax(model):
         return (params, extra, opt_state, evald), losses
 
     differential(program, steps=STEPS)
+
+
+# ------------------------------------------------ background (asynchronous) compile
+
+
+@pytest.mark.parametrize("kind", ["branch_flip_ragged_lr", "flax_batchnorm_dropout"])
+def test_async_compilation_is_transparent(kind):
+    """The production path: graphs compile in the executor thread while Python keeps
+    running eagerly (conftest's TERRA_SYNC_COMPILE=1 is switched off here). The
+    switch to co-execution, and back to eager after a divergence while the new
+    graph compiles, may happen at any step and must never change a result."""
+
+    def branch_program(wrap, steps):
+        params = init_mlp()
+        x, y = make_data(n=55)  # batches 16, 16, 16, 7
+        opt = optax.adam(1e-2)
+        opt_state = opt.init(params)
+
+        @wrap
+        def step(params, opt_state, count, xb, yb, lr):
+            loss, grads = jax.value_and_grad(mse)(params, xb, yb)
+            if count >= steps // 2:  # tensor branch flips half way
+                grads = jax.tree.map(lambda g, p: g + 0.01 * p, grads, params)
+            updates, opt_state = opt.update(grads, opt_state, params)
+            updates = jax.tree.map(lambda u: u * lr, updates)  # Python float: data
+            print(f"{int(count):2d} {xb.shape[0]:2d} {loss:.5f}")
+            return optax.apply_updates(params, updates), opt_state, count + 1, loss
+
+        count, losses, i = jnp.asarray(0), [], 0
+        for s in range(steps):
+            xb, yb = x[i:i + 16], y[i:i + 16]
+            i = i + 16 if i + 16 < x.shape[0] else 0
+            params, opt_state, count, loss = step(params, opt_state, count, xb, yb,
+                                                  1.0 / (1 + 0.05 * s))
+            losses.append(loss)
+        return (params, opt_state, count), losses
+
+    def flax_program(wrap, steps):
+        from flax import linen as nn
+
+        class Net(nn.Module):
+            @nn.compact
+            def __call__(self, x, train: bool = True):
+                x = nn.Dense(16, use_bias=False)(x)  # no bias before BatchNorm
+                x = nn.BatchNorm(use_running_average=not train)(x)
+                x = nn.Dropout(0.2, deterministic=not train)(nn.relu(x))
+                return nn.Dense(1)(x)
+
+        x, y = make_data()
+        net = Net()
+        variables = net.init({"params": jax.random.PRNGKey(0)}, x, train=False)
+        params, stats = variables["params"], {"batch_stats": variables["batch_stats"]}
+        opt = optax.adam(1e-2)
+        opt_state = opt.init(params)
+
+        @wrap
+        def step(params, stats, opt_state, key):
+            key, k = jax.random.split(key)
+
+            def loss_fn(p):
+                out, new = net.apply({"params": p, **stats}, x, train=True,
+                                     rngs={"dropout": k}, mutable=["batch_stats"])
+                return jnp.mean((out - y) ** 2), new
+
+            (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), dict(new), opt_state, key, loss
+
+        key, losses = jax.random.PRNGKey(1), []
+        for _ in range(steps):
+            params, stats, opt_state, key, loss = step(params, stats, opt_state, key)
+            losses.append(loss)
+        return (params, stats, opt_state), losses
+
+    program = branch_program if kind == "branch_flip_ragged_lr" else flax_program
+    # 24 steps, 0.1 s of wall time after each: ample for a background compile of
+    # these tiny graphs, so several steps co-execute, yet timing decides which.
+    differential(program, steps=24, min_coexecuted=4, sync_compile=False, pace=0.1)

@@ -1,0 +1,312 @@
+"""Co-execution mechanics: autodiff elision semantics, divergence and fallback,
+predicted feeds, the internal-failure policy, the retrace bound, background
+compilation, run-ahead and interruptible fetches.
+
+Each test compares against eager execution and asserts what Terra did (stats),
+so a silent fall-back to eager cannot pass.
+"""
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import terra
+from harness import differential
+from terra import generate
+
+
+def linear_data(seed=0, n=16, d=4):
+    rng = np.random.RandomState(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = (x @ rng.normal(size=(d,)).astype(np.float32)).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+# -- autodiff elision keeps eager's semantics inside the differentiated function --
+
+def test_inside_grad_values_behave_like_eager_grad_tracers():
+    """print/bool/int work on a value being differentiated; float() raises, as in eager."""
+
+    def program(wrap, steps):
+        x, y = linear_data()
+
+        @wrap
+        def step(w):
+            def loss_fn(w):
+                pred = x @ w
+                err = jnp.mean((pred - y) ** 2)
+                print("inside", err)                 # eager prints a GradTracer
+                if err > 1.0:                         # bool() sees the primal value
+                    err = err * 1.0
+                n = int(jnp.sum(w > 0))               # int() too
+                try:
+                    float(err)                        # float() raises in eager
+                except Exception as e:
+                    print("float raised", type(e).__name__)
+                return err + 0.0 * n
+
+            loss, g = jax.value_and_grad(loss_fn)(w)
+            return w - 0.05 * g, loss
+
+        w = jnp.zeros(4)
+        losses = []
+        for _ in range(steps):
+            w, loss = step(w)
+            losses.append(float(loss))
+        return w, losses
+
+    differential(program, steps=8)
+
+
+def test_custom_jvp_rule_kept_by_elision():
+    """relu's custom JVP gives gradient 0 at exactly 0; the replayed graph must too."""
+
+    def program(wrap, steps):
+        @wrap
+        def step(w):
+            z = jnp.zeros(3)
+            g = jax.grad(lambda w: jnp.sum(jax.nn.relu(w * z)) + jnp.sum(jax.nn.relu(w)))(w)
+            return w - 0.1 * g, g
+
+        w = jnp.array([1.0, -1.0, 0.0])
+        grads = []
+        for _ in range(steps):
+            w, g = step(w)
+            grads.append(g)
+        return w, grads
+
+    res = differential(program, steps=8)
+    # The gradient at exactly 0 is relu's custom rule (0), not max's tie rule (0.5).
+    np.testing.assert_allclose(np.asarray(res.terra.side_effects[-1]), [1.0, 0.0, 0.0])
+
+
+def test_grad_of_non_scalar_raises_like_eager():
+    def program(wrap, steps):
+        @wrap
+        def step(w):
+            try:
+                jax.grad(lambda w: w * 2.0)(w)
+            except TypeError as e:
+                print("TypeError:", e)
+            return w + 1.0
+
+        w = jnp.ones(2)
+        for _ in range(steps):
+            w = step(w)
+        return w, None
+
+    differential(program, steps=6)
+
+
+# -- divergence, fallback, new paths ----------------------------------------------
+
+def test_new_branch_diverges_falls_back_and_is_learned():
+    def program(wrap, steps):
+        x, y = linear_data()
+        opt = optax.sgd(0.05)
+
+        @wrap
+        def step(w, state, i):
+            loss, g = jax.value_and_grad(lambda w: jnp.mean((x @ w - y) ** 2))(w)
+            if i >= 6:                      # a path never seen while tracing
+                g = jax.tree.map(lambda t: jnp.clip(t, -0.1, 0.1), g)
+            updates, state = opt.update(g, state)
+            return optax.apply_updates(w, updates), state, loss
+
+        w = jnp.zeros(4)
+        state = opt.init(w)
+        losses = []
+        for i in range(steps):
+            w, state, loss = step(w, state, i)
+            losses.append(loss)
+        return w, losses
+
+    res = differential(program, steps=16, min_coexecuted=10)
+    stats = res.terra.wrap.functions[0].stats()
+    assert stats.divergences >= 1 and stats.fallbacks >= 1
+    assert "test_coexec.py" in stats.last_divergence   # points at the user's line
+    assert stats.compiles == 2, stats          # the new path was compiled once
+    assert stats.paths == 2, stats
+
+
+def test_placeholder_kept_after_divergence_and_across_steps():
+    """Intermediate values held by Python stay resolvable after a fallback."""
+
+    def program(wrap, steps):
+        kept = []
+
+        @wrap
+        def step(w, i):
+            h = jnp.tanh(w * 3.0)           # an intermediate, not a step output
+            kept.append(h)
+            out = h.sum()
+            if i == 7:
+                out = out + jnp.cos(w).sum()   # new op: divergence after h exists
+            return w * 0.9, out
+
+        w = jnp.arange(4.0)
+        outs = []
+        for i in range(steps):
+            w, o = step(w, i)
+            outs.append(o)
+        return (w, [np.asarray(h) for h in kept]), outs
+
+    res = differential(program, steps=10, min_coexecuted=6)
+    assert res.terra.wrap.functions[0].stats().divergences >= 1
+
+
+def test_predicted_feed_that_changes_falls_back_once_then_is_live():
+    def program(wrap, steps):
+        @wrap
+        def step(w, scale):
+            return w * scale + 1.0
+
+        w = jnp.ones(3)
+        for i in range(steps):
+            scale = 0.5 if i < 8 else 0.25      # constant while tracing, then changes
+            w = step(w, scale)
+        return w, None
+
+    res = differential(program, steps=14, min_coexecuted=10)
+    stats = res.terra.wrap.functions[0].stats()
+    assert stats.fallbacks == 1, stats
+    assert "changed value" in stats.last_divergence
+    assert stats.compiles <= 2, stats
+
+
+# -- failure policy and bounds -------------------------------------------------------
+
+def _step(w, x):
+    return w - 0.1 * jnp.mean(w * x), jnp.sum(w)
+
+
+def test_internal_failure_falls_back_with_one_warning(monkeypatch):
+    def broken(seg):
+        raise RuntimeError("simulated compiler bug")
+
+    monkeypatch.setattr(generate, "compile_segment", broken)
+    step = terra.function(_step, strict=False)
+    w_t = w_e = jnp.ones(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(6):
+            x = jnp.arange(3.0) + i
+            w_t, s_t = step(w_t, x)
+            w_e, s_e = _step(w_e, x)
+    np.testing.assert_allclose(w_t, w_e, rtol=1e-6)
+    terra_warnings = [w for w in caught if issubclass(w.category, terra.TerraWarning)]
+    assert len(terra_warnings) == 1
+    assert "simulated compiler bug" in str(terra_warnings[0].message)
+    assert step.stats().eager >= 1 and step.stats().gave_up
+
+
+def test_internal_failure_raises_in_strict_mode(monkeypatch):
+    def broken(seg):
+        raise RuntimeError("simulated compiler bug")
+
+    monkeypatch.setattr(generate, "compile_segment", broken)
+    step = terra.function(_step, strict=True)
+    w = jnp.ones(3)
+    with pytest.raises(terra.TerraInternalError, match="simulated compiler bug"):
+        for i in range(6):
+            w, _ = step(w, jnp.arange(3.0))
+
+
+def test_retrace_limit_stays_eager_and_warns_once():
+    step = terra.function(lambda x: (x * 2.0).sum(), max_graphs=2)
+    expected = []
+    got = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in range(1, 25):                       # a new shape every other step
+            x = jnp.ones(n // 2 + 1)
+            got.append(float(step(x)))
+            expected.append(float((x * 2.0).sum()))
+    assert got == expected
+    terra_warnings = [w for w in caught if issubclass(w.category, terra.TerraWarning)]
+    assert len(terra_warnings) == 1
+    assert "max_graphs=2" in str(terra_warnings[0].message)
+    assert step.stats().eager > 0
+
+
+# -- compilation in the background, run-ahead, interruptible fetches ------------------
+
+def test_compilation_never_stalls_python(monkeypatch):
+    monkeypatch.setenv("TERRA_SYNC_COMPILE", "0")
+    real_compile = generate.compile_segment
+    release = threading.Event()
+
+    def slow_compile(seg):
+        release.wait(30)
+        return real_compile(seg)
+
+    monkeypatch.setattr(generate, "compile_segment", slow_compile)
+    step = terra.function(_step)
+    w = jnp.ones(3)
+    for i in range(8):                       # compile is blocked: steps keep running eagerly
+        w, _ = step(w, jnp.arange(3.0))
+    assert step.stats().traced == 8 and step.stats().compiles == 1
+    release.set()
+    deadline = time.time() + 30
+    while step.stats().coexecuted == 0 and time.time() < deadline:
+        w, _ = step(w, jnp.arange(3.0))
+        time.sleep(0.01)
+    assert step.stats().coexecuted > 0
+
+
+def test_graph_runs_ahead_of_python():
+    """The segment is dispatched when its inputs exist: a fetch after slow Python does not wait."""
+    a = jnp.asarray(np.random.RandomState(0).normal(size=(256, 256)).astype(np.float32) / 16)
+
+    @terra.function
+    def step(m):
+        for _ in range(8):
+            m = jnp.tanh(m @ a)
+        time.sleep(0.3)          # Python busy (data loading, logging, ...)
+        return m, float(m.sum())  # fetch
+
+    m = a
+    for _ in range(3):
+        m, _ = step(m)
+    waits_before = step.stats().fetch_waits
+    m, _ = step(m)
+    stats = step.stats()
+    assert stats.coexecuted >= 1 and stats.segments_dispatched >= 1
+    assert stats.fetch_waits == waits_before
+
+
+def test_ctrl_c_interrupts_a_fetch_and_terra_recovers():
+    big = jnp.ones((700, 700), jnp.float32) / 700
+
+    @terra.function
+    def step(m, n_slow):
+        for _ in range(n_slow):
+            m = jnp.sin(m @ big @ big @ big)
+        return m, m.sum()
+
+    m = big
+    for _ in range(3):
+        m, s = step(m, 40)
+    float(s)
+    timer = threading.Timer(0.05, _thread.interrupt_main)
+    start = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        timer.start()
+        for _ in range(50):                   # ~seconds of graph work, interrupted
+            m, s = step(m, 40)
+            float(s)
+    assert time.time() - start < 10
+    assert step.stats().coexecuted >= 1
+    m2, s2 = step(big, 40)                    # still consistent afterwards
+    m3 = big
+    for _ in range(40):
+        m3 = jnp.sin(m3 @ big @ big @ big)
+    np.testing.assert_allclose(np.asarray(m2), np.asarray(m3), rtol=1e-4, atol=1e-5)
