@@ -58,7 +58,6 @@ class StepFunction:
         self._program: Program | None = None
         self._pending = None                      # Future of the program being compiled
         self._executables: dict = {}              # segment signature -> compiled executable
-        self._lock = threading.Lock()
 
     def __get__(self, obj, objtype=None):  # used as a method: bind `self`
         return self if obj is None else functools.partial(self, obj)

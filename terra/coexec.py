@@ -21,7 +21,7 @@ import jax
 
 from runtime.executor import wait
 from terra.autodiff import GRAD, GradSpec, apply_gradient_op, external_inputs
-from terra.generate import ARG_IN, CONST, ENV, LIVE, Program, Segment
+from terra.generate import ARG_IN, ENV, LIVE, Program, Segment
 from terra.intercept import (
     GradCall, Placeholder, TerraTrace, aval_of, check_gradient_output, copy_value, eager,
     eval_primitive, has_host_effect, user_location,

@@ -1,7 +1,7 @@
 """Counters a user or a test can read: `step_fn.stats()`."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass
@@ -30,9 +30,6 @@ class Stats:
     paths: int = 0            # distinct step endings in the TraceGraph
     last_divergence: str = ""
     gave_up: str = ""
-    history: list = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("history")
-        return d
+        return asdict(self)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from terra.intercept import AbstractValue, Primitive, is_jaxpr, jaxprs_equal
+from terra.intercept import Primitive, is_jaxpr, jaxprs_equal
 
 # Input kinds: (NODE, pos, out) | (ARG, leaf_index, aval) | (FEED, aval, None)
 #   | (FEED_REF, pos, slot): the value fed to op `pos` input `slot` (gradient ops

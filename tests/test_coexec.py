@@ -310,3 +310,34 @@ def test_ctrl_c_interrupts_a_fetch_and_terra_recovers():
     for _ in range(40):
         m3 = jnp.sin(m3 @ big @ big @ big)
     np.testing.assert_allclose(np.asarray(m2), np.asarray(m3), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vjp", "grad_of_grad", "argnums_tuple"])
+def test_other_autodiff_entry_points(kind):
+    def program(wrap, steps):
+        x, y = linear_data()
+
+        def loss(w, b):
+            return jnp.mean((jnp.tanh(x @ w) + b - y) ** 2)
+
+        @wrap
+        def step(w, b):
+            if kind == "vjp":
+                value, pullback = jax.vjp(loss, w, b)
+                gw, gb = pullback(jnp.ones_like(value))
+            elif kind == "grad_of_grad":
+                value = loss(w, b)
+                gb = jax.grad(jax.grad(loss, argnums=1), argnums=1)(w, b) * 0.01
+                gw = jax.grad(loss)(w, b)
+            else:
+                value, (gw, gb) = jax.value_and_grad(loss, argnums=(0, 1))(w, b)
+            return w - 0.1 * gw, b - 0.1 * gb, value
+
+        w, b = jnp.zeros(4), jnp.float32(0.0)
+        losses = []
+        for _ in range(steps):
+            w, b, value = step(w, b)
+            losses.append(value)
+        return (w, b), losses
+
+    differential(program, steps=8)

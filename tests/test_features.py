@@ -820,7 +820,8 @@ def test_changing_shapes_ragged_last_batch():
 # ------------------------------------------------- Python numbers are data
 
 
-@pytest.mark.parametrize("how", ["lr_argument", "lr_and_step_in_jnp_ops"])
+@pytest.mark.parametrize("how", ["lr_argument", "lr_and_step_in_jnp_ops",
+                                 "lr_with_alternating_batch_shape"])
 def test_python_float_learning_rate_is_data(how):
     def program(wrap, steps):
         params = init_mlp()
@@ -828,7 +829,13 @@ def test_python_float_learning_rate_is_data(how):
 
         @wrap
         def step(params, lr, i):
-            loss, grads = jax.value_and_grad(mse)(params, x, y)
+            if how == "lr_with_alternating_batch_shape":
+                # two paths, each seen only once while tracing: the lr must still
+                # be fed on both, not baked in from that single observation
+                xb, yb = (x, y) if i % 2 == 0 else (x[:7], y[:7])
+            else:
+                xb, yb = x, y
+            loss, grads = jax.value_and_grad(mse)(params, xb, yb)
             if how == "lr_and_step_in_jnp_ops":
                 warm = jnp.minimum(1.0, (i + 1) / 5.0)  # Python int in a jnp op
                 lr = lr * warm * (1.0 - 0.9 ** (i + 1))  # Python math on Python numbers
@@ -842,8 +849,9 @@ def test_python_float_learning_rate_is_data(how):
 
     steps = 12
     res = differential(program, steps=steps, min_coexecuted=steps - 4)
-    # "a Python number is data, never a recompile"
-    assert res.stats.compiles <= 2, res.describe()
+    # "a Python number is data, never a recompile" (the second shape may cost one)
+    max_compiles = 3 if how == "lr_with_alternating_batch_shape" else 2
+    assert res.stats.compiles <= max_compiles, res.describe()
 
 
 # -------------------------------------------------- placeholders escaping the step
