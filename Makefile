@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/mlp.py --compare --steps 60
+	$(PY) examples/mlp.py --compare --steps 200
 
 test: $(STAMP)
 	TERRA_STRICT=1 $(PY) -m pytest -q tests
