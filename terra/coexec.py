@@ -111,12 +111,13 @@ class StepRun:
             return None
         pos = child.pos
         if op.feed_slots:
-            values = tuple(args[k] for k in op.feed_slots)
-            for k, v in zip(op.feed_slots, values):
-                if child.predicted(k) and not tokens_equal(child.feed_tokens[k], feed_token(v)):
+            # The program was built with these values: check Python's match.
+            for k, token in self.program.predictions.get(child, ()):
+                if not tokens_equal(token, feed_token(args[k])):
                     self.graph.mark_varying(child, k)
                     self._diverge(f"a feed to {prim.name} changed value (now fed live)")
                     return None
+            values = tuple(args[k] for k in op.feed_slots)
             self.rec.feeds[pos] = values
             self.stats.feeds += len(values)
         return self._enter_node(trace, child, args)

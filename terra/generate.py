@@ -68,6 +68,7 @@ class Program:
     dispatch_at: dict           # GraphNode -> [Segment] to dispatch once Python validated it
     members: frozenset          # GraphNodes this program knows
     segments: list
+    predictions: dict           # GraphNode -> ((slot, feed token), ...) baked into segments
 
 
 def build_program(graph: TraceGraph) -> Program:
@@ -78,8 +79,13 @@ def build_program(graph: TraceGraph) -> Program:
         members: set[GraphNode] = set()
         segments: list[Segment] = []
         level_of: dict[GraphNode, int] = {}
+        predictions: dict[GraphNode, tuple] = {}
         for block in _blocks(graph.root):
             members.update(block)
+            for n in block:
+                predicted = tuple((k, n.feed_tokens[k]) for k in n.op.feed_slots if n.predicted(k))
+                if predicted:
+                    predictions[n] = predicted
             for level, (nodes, dispatch_node) in sorted(_assign_levels(block, level_of).items()):
                 seg = Segment(nodes)
                 for n in nodes:
@@ -89,7 +95,8 @@ def build_program(graph: TraceGraph) -> Program:
         _wire_inputs_and_outputs(graph.root, segment_of)
         for seg in segments:
             seg.finalize()
-        return Program(graph.version, segment_of, dispatch_at, frozenset(members), segments)
+        return Program(graph.version, segment_of, dispatch_at, frozenset(members), segments,
+                       predictions)
 
 
 def _blocks(root: GraphNode):

@@ -341,3 +341,42 @@ def test_other_autodiff_entry_points(kind):
         return (w, b), losses
 
     differential(program, steps=8)
+
+
+def test_prediction_checked_against_the_program_in_use(monkeypatch):
+    """A feed the running graph predicted must be checked even after the TraceGraph
+    learned (from a fallback) that it varies, while the new graph still compiles."""
+    monkeypatch.setenv("TERRA_SYNC_COMPILE", "0")
+    real_compile = generate.compile_segment
+    gate = threading.Event()
+    compiled = []
+
+    def gated_compile(seg):
+        if len(compiled) >= 1:          # the first graph compiles; later ones wait
+            gate.wait(30)
+        compiled.append(seg)
+        return real_compile(seg)
+
+    monkeypatch.setattr(generate, "compile_segment", gated_compile)
+
+    def body(w, lr):
+        return w - lr * jnp.sin(w)
+
+    step = terra.function(body)
+    w_t = w_e = jnp.linspace(0.0, 1.0, 4)
+    lrs = [0.1, 0.1, 0.1, 0.1, 0.1, 0.05, 0.02, 0.01, 0.3]
+    try:
+        for i, lr in enumerate(lrs):
+            if i == 2:                            # let the first graph arrive
+                deadline = time.time() + 30
+                while not compiled and time.time() < deadline:
+                    time.sleep(0.01)
+                time.sleep(0.2)
+            w_t = step(w_t, lr)
+            w_e = body(w_e, lr)
+            np.testing.assert_allclose(np.asarray(w_t), np.asarray(w_e), rtol=1e-6,
+                                       err_msg=f"step {i}")
+    finally:
+        gate.set()
+    assert step.stats().coexecuted >= 4
+    assert step.stats().fallbacks >= 2
