@@ -24,7 +24,7 @@ from terra.autodiff import GRAD, GradSpec, apply_gradient_op, external_inputs
 from terra.generate import ARG_IN, ENV, LIVE, Program, Segment
 from terra.intercept import (
     GradCall, Placeholder, TerraTrace, aval_of, check_gradient_output, copy_value, eager,
-    eval_primitive, has_host_effect, user_location,
+    eval_primitive, frozen_copy, has_host_effect, user_location,
 )
 from terra.trace import (
     ARG, FEED, FEED_REF, NODE, GraphNode, Op, Recording, feed_token, params_equal, tokens_equal,
@@ -117,9 +117,8 @@ class StepRun:
                     self.graph.mark_varying(child, k)
                     self._diverge(f"a feed to {prim.name} changed value (now fed live)")
                     return None
-            values = tuple(args[k] for k in op.feed_slots)
-            self.rec.feeds[pos] = values
-            self.stats.feeds += len(values)
+            self.rec.feeds[pos] = tuple(frozen_copy(args[k]) for k in op.feed_slots)
+            self.stats.feeds += len(op.feed_slots)
         return self._enter_node(trace, child, args)
 
     def _enter_node(self, trace, child: GraphNode, args):
@@ -245,7 +244,7 @@ class StepRun:
                     user_location(), has_host_effect(prim, params), tuple(slots))
             self.rec.ops.append(op)
             if feeds:
-                self.rec.feeds[pos] = tuple(feeds)
+                self.rec.feeds[pos] = tuple(frozen_copy(v) for v in feeds)
         except Exception as err:
             self.internal_failure(err, "recording an op")
             return out

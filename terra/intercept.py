@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 import jax
 import numpy as np
-from jax._src import api_util, core
+from jax._src import api_util, core, literals
 from jax._src import linear_util as lu
 from jax._src.interpreters import partial_eval as pe
 from jax._src.lax import lax as lax_internal
@@ -267,6 +267,15 @@ def eval_primitive(prim: Primitive, args: Any, params: dict) -> Any:
 def eager():
     """Context manager: JAX ops inside run eagerly, below any Terra trace."""
     return core.take_current_trace()
+
+
+def frozen_copy(value: Any) -> Any:
+    """A fed numpy array is read later (at dispatch): copy it if Python could mutate it."""
+    if isinstance(value, np.ndarray) and value.flags.writeable:
+        if type(value) is literals.TypedNdArray:
+            return literals.TypedNdArray(np.array(value), value.aval)
+        return np.array(value)
+    return value
 
 
 def copy_value(x: Any) -> Any:

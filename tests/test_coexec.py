@@ -380,3 +380,26 @@ def test_prediction_checked_against_the_program_in_use(monkeypatch):
         gate.set()
     assert step.stats().coexecuted >= 4
     assert step.stats().fallbacks >= 2
+
+
+@pytest.mark.parametrize("size", [4, 4096])   # predicted-size and live-size feeds
+def test_numpy_buffer_mutated_after_feeding(size):
+    """A numpy array is read at dispatch time; Python mutating it afterwards must not leak in."""
+
+    def program(wrap, steps):
+        buf = np.zeros((size,), np.float32)
+
+        @wrap
+        def step(w):
+            y = w + buf
+            buf[:] += 1.0            # reuse the buffer, as data loaders do
+            return y * 0.5, y.sum()
+
+        w = jnp.zeros(size)
+        sums = []
+        for _ in range(steps):
+            w, s = step(w)
+            sums.append(s)
+        return w, sums
+
+    differential(program, steps=10)
