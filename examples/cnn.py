@@ -88,6 +88,14 @@ def train_step(params, opt_state, x, y):
     return params, opt_state, loss
 
 
+STEP_FUNCTIONS = ("train_step",)  # for `python -m terra bench`
+
+
+def run(wrap, steps, log=print, seed=0, timings=None):
+    """The benchmark entry point: the training loop with `wrap(train_step)`."""
+    return train(wrap(train_step), steps, log=log, seed=seed, timings=timings)
+
+
 def train(step_fn, steps, log=print, seed=0, timings=None):
     """The training loop. `timings`, if given, collects each step's wall time."""
     data = make_dataset(seed)

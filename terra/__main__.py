@@ -83,6 +83,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                      help="module-level function to wrap with terra.function (repeatable)")
     run.add_argument("script", help="the Python script to run as __main__")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    sub.add_parser("bench", add_help=False,
+                   help="eager vs jax.jit vs terra on the example programs (see --help)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from terra import bench
+        raise SystemExit(bench.main(argv[1:]))
     ns = parser.parse_args(argv)
     if ns.command == "run":
         if not os.path.isfile(ns.script):

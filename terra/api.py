@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 import warnings
 from typing import Any, Callable, TypeVar
 
@@ -67,6 +68,20 @@ class StepFunction:
         self._stats.paths = self._graph.paths()
         return self._stats
 
+    def wait_for_graph(self, timeout: float | None = None) -> bool:
+        """Block until a graph compiling in the background is in use (benchmarks).
+
+        Returns whether the next call will co-execute.
+        """
+        pending = self._pending
+        if pending is not None:
+            try:
+                pending.result(timeout=timeout)
+            except Exception:
+                pass  # reported by the next call, under the failure policy
+            self._adopt_compiled_program()
+        return self._program is not None and not self._stats.gave_up
+
     def __call__(self, *args, **kwargs):
         stats = self._stats
         stats.steps += 1
@@ -78,6 +93,7 @@ class StepFunction:
         leaves = jax.tree.leaves((args, kwargs))
         run = StepRun(self, COEXEC if program is not None else TRACING, program, leaves)
         nodes_before = self._graph.num_nodes
+        start = time.perf_counter()
         try:
             with install(TerraTrace(run)):
                 _active.run = run
@@ -89,6 +105,8 @@ class StepFunction:
             run.abort()
             raise
         out = run.finish(out)
+        if program is not None:
+            stats.step_seconds += time.perf_counter() - start
         try:
             self._maybe_generate(grew=self._graph.num_nodes != nodes_before)
         except Exception as err:

@@ -363,14 +363,16 @@ class StepRun:
         future = self.futures.get(id(seg))
         if future is None:
             return None
-        if not future.done():
-            self.stats.fetch_waits += 1
+        start = None if future.done() else time.perf_counter()
         try:
             wait(future)
         except Exception as err:  # the segment failed to run: recompute eagerly
             self.internal_failure(err, "running a segment")
             self.futures.pop(id(seg), None)
             return None
+        if start is not None:
+            self.stats.fetch_waits += 1
+            self.stats.wait_seconds += time.perf_counter() - start
         return self.env.get(key)
 
     def _evaluate_cone(self, key) -> Any:
@@ -500,7 +502,8 @@ def _wait_ready(v: Any, stats) -> None:
     if is_ready():
         return
     stats.fetch_waits += 1
-    delay = 2e-5
+    start, delay = time.perf_counter(), 2e-5
     while not is_ready():
         time.sleep(delay)
         delay = min(delay * 2, 1e-3)
+    stats.wait_seconds += time.perf_counter() - start

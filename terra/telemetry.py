@@ -27,6 +27,8 @@ class Stats:
     cone_evaluations: int = 0 # values computed eagerly because no segment produced them
     eager: int = 0            # steps run without Terra (disabled, given up, nested)
     internal_errors: int = 0  # Terra failures that fell back to eager
+    step_seconds: float = 0.0 # wall time inside step calls (co-executed steps only)
+    wait_seconds: float = 0.0 # of which Python was blocked waiting for the graph
     paths: int = 0            # distinct step endings in the TraceGraph
     last_divergence: str = ""
     gave_up: str = ""

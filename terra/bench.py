@@ -1,0 +1,412 @@
+"""The benchmark suite: eager vs `jax.jit` vs terra on the example programs.
+
+    python -m terra bench [--quick] [--programs a,b] [--json FILE] [--plot FILE]
+
+Every program in `examples/` that defines `STEP_FUNCTIONS` and
+`run(wrap, steps, log, seed, timings)` is run three ways: eagerly (the
+baseline), with each step function wrapped by `jax.jit` (whole-step staging,
+as AutoGraph does), and with `terra.function`. A mode is *correct* when its
+printed log and final parameters equal eager's within float tolerance; a mode
+that raises or differs *fails*, with the exception and a category.
+
+Timing: a first round of each mode warms up (and is the correctness run);
+then rounds of `steps` steps are run mode after mode, interleaved. A round's
+step time is its wall time from the end of its first step until the final
+parameters are computed, divided by the steps; a mode's step time is the
+median over rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import linecache
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+RTOL, ATOL = 1e-4, 1e-5   # equal to eager within what XLA fusion explains
+MODES = ("eager", "jit", "terra")
+CATEGORIES = ("third-party call", "data-dependent control flow", "side effect lost or repeated",
+              "retracing / shape change", "other")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+# -- comparing a mode's output with eager's ----------------------------------------
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|nan|inf")
+
+
+def _numbers(line: str) -> tuple[str, list]:
+    found = []
+    for m in _NUMBER.findall(line):
+        mantissa, _, exponent = m.lower().partition("e")
+        decimals = len(mantissa.partition(".")[2])
+        # a printed decimal may differ by one unit in its last place; integers must match
+        unit = 10.0 ** (int(exponent or 0) - decimals) if "." in mantissa else 0.0
+        found.append((float(m), unit))
+    return _NUMBER.sub("#", line), found
+
+
+def logs_match(a: list[str], b: list[str]) -> bool:
+    """Equal printed output, numbers within float tolerance."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        (tx, nx), (ty, ny) = _numbers(x), _numbers(y)
+        if tx.split() != ty.split() or len(nx) != len(ny):
+            return False
+        for (u, unit), (v, _) in zip(nx, ny):
+            if not (u == v or abs(u - v) <= ATOL + RTOL * abs(v) + unit * 1.0001):
+                return False
+    return True
+
+
+def params_match(a: Any, b: Any) -> bool:
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    if ta != tb:
+        return False
+    for x, y in zip(la, lb):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.shape != y.shape or not np.allclose(x, y, rtol=RTOL, atol=ATOL, equal_nan=True):
+            return False
+    return True
+
+
+def categorize(err: BaseException, program_file: str) -> str:
+    """Which Python feature defeated whole-step staging, from the error and the user's line."""
+    name = type(err).__name__
+    line = ""
+    for frame in traceback.extract_tb(err.__traceback__):
+        if frame.filename == program_file:
+            line = (linecache.getline(frame.filename, frame.lineno) or "").strip()
+    if name == "TracerArrayConversionError" or re.search(r"\bnp\.|numpy", line):
+        return "third-party call"
+    if name in ("TracerBoolConversionError", "TracerIntegerConversionError") or \
+            re.match(r"(if|elif|while|for)\b", line):
+        return "data-dependent control flow"
+    if name == "UnexpectedTracerError" or "print" in line:
+        return "side effect lost or repeated"
+    if name == "ConcretizationTypeError":
+        return "data-dependent control flow" if re.search(r"\b(int|float|bool)\(", line) \
+            else "retracing / shape change"
+    return "other"
+
+
+# -- running one program in one mode ---------------------------------------------------
+
+@dataclass
+class Outcome:
+    log: list = field(default_factory=list)
+    params: Any = None
+    timings: list = field(default_factory=list)
+    step_ends: list = field(default_factory=list)   # perf_counter() at the end of each step
+    finished: float = 0.0                            # ... once the final params are computed
+    error: BaseException | None = None
+
+    def steady_ms(self) -> float:
+        """Mean time per step after the first, up to the final parameters being ready.
+
+        Asynchronous modes (jit, terra) return before their work is done, so per-step
+        wall times alone would measure dispatch only; the final sync closes the window.
+        """
+        n = len(self.step_ends)
+        if n < 2:
+            return 1e3 * sum(self.timings) / max(1, len(self.timings))
+        return 1e3 * (self.finished - self.step_ends[0]) / (n - 1)
+
+
+class Wrap:
+    """`wrap(fn)` for one mode; the same wrapped function is reused across rounds."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.wrapped: dict = {}
+
+    def __call__(self, fn: Callable) -> Callable:
+        if self.mode == "eager":
+            return fn
+        if fn not in self.wrapped:
+            if self.mode == "jit":
+                self.wrapped[fn] = jax.jit(fn)
+            else:
+                import terra
+                self.wrapped[fn] = terra.function(fn)
+        return self.wrapped[fn]
+
+    def terra_stats(self) -> dict:
+        total: dict = {}
+        for f in self.wrapped.values():
+            for k, v in f.stats().as_dict().items():
+                if isinstance(v, (int, float)):
+                    total[k] = total.get(k, 0) + v
+        return total
+
+    def wait_for_graphs(self, timeout: float = 120.0) -> None:
+        for f in self.wrapped.values():
+            f.wait_for_graph(timeout)
+
+
+def run_once(module, wrap: Wrap, steps: int, seed: int = 0,
+             on_step: Callable | None = None) -> Outcome:
+    out = Outcome()
+    timings = _Timings(out, on_step)
+    try:
+        out.params = module.run(wrap, steps, log=out.log.append, seed=seed, timings=timings)
+        jax.block_until_ready(out.params)
+        out.finished = time.perf_counter()
+    except Exception as err:  # a mode that raises fails for this program
+        out.error = err
+    return out
+
+
+class _Timings(list):
+    """The `timings` list a program appends to; also notes when each step ended."""
+
+    def __init__(self, outcome: Outcome, on_step: Callable | None):
+        super().__init__()
+        self.outcome, self.on_step = outcome, on_step
+
+    def append(self, seconds: float) -> None:
+        self.outcome.step_ends.append(time.perf_counter())
+        self.outcome.timings.append(seconds)
+        if self.on_step is not None:
+            self.on_step(len(self.outcome.timings))
+
+
+# -- the suite ---------------------------------------------------------------------------
+
+@dataclass
+class ProgramResult:
+    name: str
+    eager_ms: float | None = None
+    jit_ms: float | None = None
+    terra_ms: float | None = None
+    jit_correct: bool = False
+    terra_correct: bool = False
+    jit_failure: str = ""
+    jit_category: str = ""
+    terra_failure: str = ""
+    speedup: float | None = None          # eager time / terra time
+    terra_vs_jit: float | None = None     # jit time / terra time (1.0 = jit's speed)
+    coexecuted_steps: int = 0
+    measured_steps: int = 0
+    compiles: int = 0
+    fallbacks: int = 0
+    first_coexecuted_step: int | None = None
+    first_coexecuted_s: float | None = None
+    skeleton_ms: float | None = None      # Python time per co-executed step, not waiting
+    bound: str = ""
+
+
+def discover(examples: Path = EXAMPLES) -> dict[str, Path]:
+    found = {}
+    for path in sorted(examples.glob("*.py")):
+        if not path.name.startswith("_") and "STEP_FUNCTIONS" in path.read_text():
+            found[path.stem] = path
+    return found
+
+
+def load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(f"terra_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _failure(err: BaseException) -> str:
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first[:160]}"
+
+
+def bench_program(name: str, path: Path, steps: int, rounds: int, progress) -> ProgramResult:
+    module = load(name, path)
+    result = ProgramResult(name)
+    wraps = {mode: Wrap(mode) for mode in MODES}
+
+    # Round 0: correctness against eager, and terra's time to its first co-executed step.
+    progress(name, "eager (reference)")
+    reference = run_once(module, wraps["eager"], steps)
+    if reference.error is not None:
+        raise RuntimeError(f"{name} fails eagerly: {_failure(reference.error)}") from reference.error
+    start = time.perf_counter()
+
+    def first_coexec(step_index: int) -> None:
+        if result.first_coexecuted_step is None and wraps["terra"].terra_stats().get("coexecuted"):
+            result.first_coexecuted_step = step_index
+            result.first_coexecuted_s = time.perf_counter() - start
+
+    for mode in ("jit", "terra"):
+        progress(name, f"{mode} (correctness)")
+        if mode == "terra":
+            start = time.perf_counter()
+        out = run_once(module, wraps[mode], steps, on_step=first_coexec if mode == "terra" else None)
+        if out.error is not None:
+            failure, correct = _failure(out.error), False
+            category = categorize(out.error, str(path))
+        elif not logs_match(reference.log, out.log):
+            failure, correct = "printed output differs from eager", False
+            category = ("side effect lost or repeated" if len(out.log) != len(reference.log)
+                        else "other")
+        elif not params_match(reference.params, out.params):
+            failure, correct, category = "final parameters differ from eager", False, "other"
+        else:
+            failure, correct, category = "", True, ""
+        setattr(result, f"{mode}_correct", correct)
+        setattr(result, f"{mode}_failure", failure)
+        if mode == "jit":
+            result.jit_category = category
+    wraps["terra"].wait_for_graphs()
+
+    # Timed rounds, modes interleaved; a failing mode is not timed.
+    timed = ["eager"] + [m for m in ("jit", "terra") if getattr(result, f"{m}_correct")]
+    per_mode: dict[str, list] = {m: [] for m in timed}
+    before = wraps["terra"].terra_stats()
+    for r in range(rounds):
+        for mode in timed:
+            progress(name, f"{mode} round {r + 1}/{rounds}")
+            out = run_once(module, wraps[mode], steps)
+            per_mode[mode].append(out.steady_ms())
+    after = wraps["terra"].terra_stats()
+    for mode, values in per_mode.items():
+        setattr(result, f"{mode}_ms", statistics.median(values))
+    if result.terra_ms:
+        result.speedup = result.eager_ms / result.terra_ms
+        if result.jit_ms:
+            result.terra_vs_jit = result.jit_ms / result.terra_ms
+        delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        result.coexecuted_steps = int(delta.get("coexecuted", 0))
+        result.measured_steps = rounds * steps
+        result.fallbacks = int(delta.get("fallbacks", 0))
+        if delta.get("coexecuted"):
+            python_s = delta["step_seconds"] - delta["wait_seconds"]
+            result.skeleton_ms = 1e3 * python_s / delta["coexecuted"]
+            result.bound = "python" if result.skeleton_ms >= 0.8 * result.terra_ms else "graph"
+    result.compiles = int(wraps["terra"].terra_stats().get("compiles", 0))
+    return result
+
+
+def geomean(values: list) -> float | None:
+    values = [v for v in values if v]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def format_table(results: list[ProgramResult]) -> str:
+    def ms(v):
+        return f"{v:8.1f}" if v is not None else "       -"
+
+    head = (f"{'program':18} {'eager ms':>8} {'jit ms':>8} {'terra ms':>8} {'speedup':>7} "
+            f"{'vs jit':>6}  {'jax.jit':32} {'terra':8} {'co-exec':>9} {'bound':6}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        jit = "ok" if r.jit_correct else f"FAIL: {r.jit_category}"
+        terra_s = "ok" if r.terra_correct else "FAIL"
+        speed = f"{r.speedup:6.2f}x" if r.speedup else "      -"
+        vs_jit = f"{r.terra_vs_jit:5.2f}x" if r.terra_vs_jit else "     -"
+        co = f"{r.coexecuted_steps}/{r.measured_steps}"
+        lines.append(f"{r.name:18} {ms(r.eager_ms)} {ms(r.jit_ms)} {ms(r.terra_ms)} {speed} "
+                     f"{vs_jit}  {jit[:32]:32} {terra_s:8} {co:>9} {r.bound:6}")
+    g = geomean([r.speedup for r in results if r.terra_correct])
+    ok = sum(r.terra_correct for r in results)
+    jit_ok = sum(r.jit_correct for r in results)
+    lines.append("-" * len(head))
+    lines.append(f"terra correct on {ok}/{len(results)}, jax.jit on {jit_ok}/{len(results)}; "
+                 f"geomean speedup of terra over eager: {g:.2f}x" if g else "no terra timings")
+    for r in results:
+        if not r.jit_correct and r.jit_failure:
+            lines.append(f"  jax.jit on {r.name}: [{r.jit_category}] {r.jit_failure}")
+        if not r.terra_correct and r.terra_failure:
+            lines.append(f"  terra on {r.name}: {r.terra_failure}")
+    return "\n".join(lines)
+
+
+def plot(results: list[ProgramResult], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.name for r in results]
+    x = np.arange(len(names))
+    terra_s = [r.speedup or 0 for r in results]
+    jit_s = [(r.eager_ms / r.jit_ms) if r.jit_correct and r.jit_ms else 0 for r in results]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+    ax.bar(x - 0.2, jit_s, 0.4, label="jax.jit", color="#9aa5b1")
+    ax.bar(x + 0.2, terra_s, 0.4, label="terra", color="#2f7ed8")
+    for i, r in enumerate(results):
+        if not r.jit_correct:
+            ax.text(i - 0.2, 1.0, "jit\nfails", ha="center", va="bottom", fontsize=7, color="#b00")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("speedup over eager (log)")
+    ax.set_title("Step time speedup over eager JAX")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "jax": jax.__version__, "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()], "cpus": os.cpu_count()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m terra bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
+    parser.add_argument("--programs", help="comma-separated program names (default: all)")
+    parser.add_argument("--steps", type=int, help="steps per round")
+    parser.add_argument("--rounds", type=int, help="timed rounds per mode")
+    parser.add_argument("--json", metavar="FILE", help="write results as JSON")
+    parser.add_argument("--plot", metavar="FILE", help="write a PNG plot of speedups")
+    args = parser.parse_args(argv)
+    steps = args.steps or (12 if args.quick else 30)
+    rounds = args.rounds or (2 if args.quick else 3)
+    available = discover()
+    names = args.programs.split(",") if args.programs else list(available)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        parser.error(f"unknown program(s) {', '.join(unknown)}; available: {', '.join(available)}")
+
+    tty = sys.stderr.isatty()
+
+    def progress(name: str, what: str, i=[0]) -> None:
+        msg = f"[{names.index(name) + 1}/{len(names)}] {name}: {what}"
+        sys.stderr.write(("\r" + msg.ljust(70)) if tty else msg + "\n")
+        sys.stderr.flush()
+
+    results = []
+    for name in names:
+        results.append(bench_program(name, available[name], steps, rounds, progress))
+    if tty:
+        sys.stderr.write("\r" + " " * 70 + "\r")
+    print(f"\nStep time per mode, median over {rounds} interleaved rounds of {steps} steps "
+          f"({jax.default_backend()}, {os.cpu_count()} cores)\n")
+    print(format_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        payload = {"command": "python -m terra bench " + " ".join(argv or sys.argv[1:]),
+                   "machine": machine(), "steps": steps, "rounds": rounds,
+                   "geomean_speedup": geomean([r.speedup for r in results if r.terra_correct]),
+                   "programs": [asdict(r) for r in results]}
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0 if all(r.terra_correct for r in results) else 1
