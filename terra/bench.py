@@ -18,7 +18,9 @@ median over rounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import json
 import linecache
 import math
@@ -163,12 +165,15 @@ def run_once(module, wrap: Wrap, steps: int, seed: int = 0,
              on_step: Callable | None = None) -> Outcome:
     out = Outcome()
     timings = _Timings(out, on_step)
+    printed = io.StringIO()   # what the step functions print themselves is output too
     try:
-        out.params = module.run(wrap, steps, log=out.log.append, seed=seed, timings=timings)
-        jax.block_until_ready(out.params)
+        with contextlib.redirect_stdout(printed):
+            out.params = module.run(wrap, steps, log=out.log.append, seed=seed, timings=timings)
+            jax.block_until_ready(out.params)
         out.finished = time.perf_counter()
     except Exception as err:  # a mode that raises fails for this program
         out.error = err
+    out.log.extend(printed.getvalue().splitlines())
     return out
 
 
