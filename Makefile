@@ -14,12 +14,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/mlp.py --compare --steps 200
+	$(PY) -m terra bench --quick --json out/bench.json --plot out/bench.png
 
 test: $(STAMP)
 	TERRA_STRICT=1 $(PY) -m pytest -q tests
 
 bench: $(STAMP)
+	$(PY) -m terra bench --json out/bench.json --plot out/bench.png
 	$(PY) benchmarks/step_time.py
 
 clean:
