@@ -18,6 +18,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 import jax
+import numpy as np
 
 from runtime.executor import wait
 from terra.autodiff import GRAD, GradSpec, apply_gradient_op, external_inputs
@@ -27,7 +28,7 @@ from terra.intercept import (
     eval_primitive, frozen_copy, has_host_effect, user_location,
 )
 from terra.trace import (
-    ARG, FEED, FEED_REF, NODE, GraphNode, Op, Recording, feed_token, params_equal, tokens_equal,
+    ARG, DATA, FEED, FEED_REF, NODE, GraphNode, Op, Recording, feed_token, params_equal, tokens_equal,
 )
 
 if TYPE_CHECKING:
@@ -70,10 +71,13 @@ class StepRun:
         self.args = arg_leaves
         self.arg_ids: dict[int, int] = {}
         self.arg_avals: list = [None] * len(arg_leaves)
+        self.data_arg_ids: set = set()       # numpy arrays passed in: data, fed live
         for i, x in enumerate(arg_leaves):
             if isinstance(x, jax.Array) and id(x) not in self.arg_ids:
                 self.arg_ids[id(x)] = i
                 self.arg_avals[i] = aval_of(x)
+            elif isinstance(x, np.ndarray):
+                self.data_arg_ids.add(id(x))
         self.rec = Recording()
         self.nodes: list[GraphNode] = []     # COEXEC: the validated path
         self.node: GraphNode = self.graph.root
@@ -224,7 +228,8 @@ class StepRun:
             if i is not None and self.args[i] is x:
                 inputs.append((ARG, i, self.arg_avals[i]))
             else:
-                inputs.append((FEED, aval_of(x), None))
+                inputs.append((FEED, aval_of(x), DATA if self._is_data_arg(x) else None))
+                x = frozen_copy(x)  # XLA may read a numpy buffer after Python mutates it
                 feeds.append(x)
                 slots.append(k)
             vals.append(x.value() if type(x) is Placeholder else x)
@@ -244,7 +249,7 @@ class StepRun:
                     user_location(), has_host_effect(prim, params), tuple(slots))
             self.rec.ops.append(op)
             if feeds:
-                self.rec.feeds[pos] = tuple(frozen_copy(v) for v in feeds)
+                self.rec.feeds[pos] = tuple(feeds)
         except Exception as err:
             self.internal_failure(err, "recording an op")
             return out
@@ -330,6 +335,12 @@ class StepRun:
         if kind == ARG:
             return _device_value(self.args[a])
         return _device_value(self.rec.feeds[a][self.rec.ops[a].feed_slots.index(b)])
+
+    def _is_data_arg(self, x: Any) -> bool:
+        """A numpy argument (or jnp's view of one) is a data batch: never predicted."""
+        if not self.data_arg_ids or not isinstance(x, np.ndarray):
+            return False
+        return id(x) in self.data_arg_ids or id(x.base) in self.data_arg_ids
 
     def _apply_passthrough(self, prim, args, params):
         return eval_primitive(prim, [self._concrete(x) for x in args], params)

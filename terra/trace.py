@@ -22,10 +22,11 @@ import numpy as np
 
 from terra.intercept import Primitive, is_jaxpr, jaxprs_equal
 
-# Input kinds: (NODE, pos, out) | (ARG, leaf_index, aval) | (FEED, aval, None)
+# Input kinds: (NODE, pos, out) | (ARG, leaf_index, aval) | (FEED, aval, None or DATA)
 #   | (FEED_REF, pos, slot): the value fed to op `pos` input `slot` (gradient ops
 #     read the feeds of the region they differentiate)
 NODE, ARG, FEED, FEED_REF = 0, 1, 2, 3
+DATA = "data"  # third field of a FEED that comes from a numpy step argument
 Input = tuple  # (kind, a, b)
 ValueKey = tuple  # (pos, out): output `out` of op `pos` of the current step
 
@@ -219,7 +220,7 @@ class TraceGraph:
     @staticmethod
     def _merge_feeds(node: GraphNode, values: tuple, op: Op) -> None:
         for k, value in zip(op.feed_slots, values):
-            token = feed_token(value)
+            token = None if op.inputs[k][2] == DATA else feed_token(value)
             if k not in node.feed_tokens:
                 node.feed_tokens[k] = token
             elif not tokens_equal(node.feed_tokens[k], token):

@@ -384,22 +384,26 @@ def test_prediction_checked_against_the_program_in_use(monkeypatch):
 
 @pytest.mark.parametrize("size", [4, 4096])   # predicted-size and live-size feeds
 def test_numpy_buffer_mutated_after_feeding(size):
-    """A numpy array is read at dispatch time; Python mutating it afterwards must not leak in."""
+    """A fed numpy array is read when Python applies the op, whatever Python does to it later.
 
-    def program(wrap, steps):
-        buf = np.zeros((size,), np.float32)
+    (Eager JAX on CPU may alias the buffer and read it after the mutation, so its own
+    result varies from run to run; Terra's is the program-order value, checked with numpy.)
+    """
+    buf = np.zeros((size,), np.float32)
 
-        @wrap
-        def step(w):
-            y = w + buf
-            buf[:] += 1.0            # reuse the buffer, as data loaders do
-            return y * 0.5, y.sum()
+    @terra.function
+    def step(w):
+        y = w + buf
+        buf[:] += 1.0            # reuse the buffer, as data loaders do
+        return y * 0.5
 
-        w = jnp.zeros(size)
-        sums = []
-        for _ in range(steps):
-            w, s = step(w)
-            sums.append(s)
-        return w, sums
-
-    differential(program, steps=10)
+    w = jnp.zeros(size)
+    outputs = []
+    for _ in range(10):          # no sync inside the loop: reads must not race
+        w = step(w)
+        outputs.append(w)
+    expected = np.zeros(size, np.float32)
+    for i, w in enumerate(outputs):
+        expected = (expected + np.float32(i)) * np.float32(0.5)
+        np.testing.assert_allclose(np.asarray(w), expected, rtol=1e-6, err_msg=f"step {i}")
+    assert step.stats().coexecuted >= 5
