@@ -247,18 +247,28 @@ def bench_program(name: str, path: Path, steps: int, rounds: int, progress) -> P
     reference = run_once(module, wraps["eager"], steps)
     if reference.error is not None:
         raise RuntimeError(f"{name} fails eagerly: {_failure(reference.error)}") from reference.error
-    start = time.perf_counter()
+    # Time to the first co-executed step counts terra's own wall time only:
+    # its steps, and waiting for its first graph, not the other modes' rounds.
+    terra_steps, terra_clock = [0], {"spent": 0.0, "since": 0.0}
 
-    def first_coexec(step_index: int) -> None:
+    def first_coexec(_: int) -> None:
+        terra_steps[0] += 1
         if result.first_coexecuted_step is None and wraps["terra"].terra_stats().get("coexecuted"):
-            result.first_coexecuted_step = step_index
-            result.first_coexecuted_s = time.perf_counter() - start
+            result.first_coexecuted_step = terra_steps[0]
+            result.first_coexecuted_s = (terra_clock["spent"] + time.perf_counter()
+                                         - terra_clock["since"])
+
+    def run_terra(wait: bool = False) -> Outcome:
+        terra_clock["since"] = time.perf_counter()
+        out = run_once(module, wraps["terra"], steps, on_step=first_coexec)
+        if wait:
+            wraps["terra"].wait_for_graphs()
+        terra_clock["spent"] += time.perf_counter() - terra_clock["since"]
+        return out
 
     for mode in ("jit", "terra"):
         progress(name, f"{mode} (correctness)")
-        if mode == "terra":
-            start = time.perf_counter()
-        out = run_once(module, wraps[mode], steps, on_step=first_coexec if mode == "terra" else None)
+        out = run_terra(wait=True) if mode == "terra" else run_once(module, wraps[mode], steps)
         if out.error is not None:
             failure, correct = _failure(out.error), False
             category = categorize(out.error, str(path))
@@ -274,7 +284,6 @@ def bench_program(name: str, path: Path, steps: int, rounds: int, progress) -> P
         setattr(result, f"{mode}_failure", failure)
         if mode == "jit":
             result.jit_category = category
-    wraps["terra"].wait_for_graphs()
 
     # Timed rounds, modes interleaved; a failing mode is not timed.
     timed = ["eager"] + [m for m in ("jit", "terra") if getattr(result, f"{m}_correct")]
@@ -283,7 +292,7 @@ def bench_program(name: str, path: Path, steps: int, rounds: int, progress) -> P
     for r in range(rounds):
         for mode in timed:
             progress(name, f"{mode} round {r + 1}/{rounds}")
-            out = run_once(module, wraps[mode], steps)
+            out = run_terra() if mode == "terra" else run_once(module, wraps[mode], steps)
             per_mode[mode].append(out.steady_ms())
     after = wraps["terra"].terra_stats()
     for mode, values in per_mode.items():
@@ -294,7 +303,7 @@ def bench_program(name: str, path: Path, steps: int, rounds: int, progress) -> P
             result.terra_vs_jit = result.jit_ms / result.terra_ms
         delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
         result.coexecuted_steps = int(delta.get("coexecuted", 0))
-        result.measured_steps = rounds * steps
+        result.measured_steps = int(delta.get("steps", 0))     # step-function calls
         result.fallbacks = int(delta.get("fallbacks", 0))
         if delta.get("coexecuted"):
             python_s = delta["step_seconds"] - delta["wait_seconds"]
@@ -314,7 +323,7 @@ def format_table(results: list[ProgramResult]) -> str:
         return f"{v:8.1f}" if v is not None else "       -"
 
     head = (f"{'program':18} {'eager ms':>8} {'jit ms':>8} {'terra ms':>8} {'speedup':>7} "
-            f"{'vs jit':>6}  {'jax.jit':32} {'terra':8} {'co-exec':>9} {'bound':6}")
+            f"{'vs jit':>6}  {'jax.jit':32} {'terra':5} {'co-exec':>9} {'1st co-exec':>13} {'bound':6}")
     lines = [head, "-" * len(head)]
     for r in results:
         jit = "ok" if r.jit_correct else f"FAIL: {r.jit_category}"
@@ -322,8 +331,10 @@ def format_table(results: list[ProgramResult]) -> str:
         speed = f"{r.speedup:6.2f}x" if r.speedup else "      -"
         vs_jit = f"{r.terra_vs_jit:5.2f}x" if r.terra_vs_jit else "     -"
         co = f"{r.coexecuted_steps}/{r.measured_steps}"
+        first = (f"#{r.first_coexecuted_step} {r.first_coexecuted_s:5.1f}s"
+                 if r.first_coexecuted_step else "never")
         lines.append(f"{r.name:18} {ms(r.eager_ms)} {ms(r.jit_ms)} {ms(r.terra_ms)} {speed} "
-                     f"{vs_jit}  {jit[:32]:32} {terra_s:8} {co:>9} {r.bound:6}")
+                     f"{vs_jit}  {jit[:32]:32} {terra_s:5} {co:>9} {first:>13} {r.bound:6}")
     g = geomean([r.speedup for r in results if r.terra_correct])
     ok = sum(r.terra_correct for r in results)
     jit_ok = sum(r.jit_correct for r in results)
