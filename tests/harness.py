@@ -61,6 +61,7 @@ RTOL = 1e-4
 ATOL = 1e-5
 
 __all__ = [
+    "load_program",
     "RTOL",
     "ATOL",
     "Wrap",
@@ -471,3 +472,9 @@ def differential(program, steps: int | None = 10, min_coexecuted: int | None = N
     # shown by `pytest -rP`: what Terra did for this program
     print(f"terra stats: {st.as_dict()}")
     return res
+
+
+def load_program(name: str):
+    """Import examples/<name>.py afresh (examples/ is not a package)."""
+    from terra import bench
+    return bench.load(name, bench.EXAMPLES / f"{name}.py")

@@ -8,7 +8,6 @@
   `python examples/mlp.py --mode eager` prints.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,24 +16,17 @@ import sys
 import pytest
 
 import harness
+from harness import load_program
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(ROOT, "examples")
 STEPS = 12
 
 
-def load_example(name):
-    """Import examples/<name>.py as a module (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        f"terra_example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_example_terra_matches_eager(name):
-    example = load_example(name)
+    example = load_program(name)
 
     def program(wrap, steps):
         # The example's own loop; it prints "step N loss X" every 10 steps.

@@ -14,7 +14,6 @@ Also checked: what `jax.jit` does with the two "hard" programs (the contract say
 it must raise or differ from eager).
 """
 
-import importlib.util
 import os
 
 import jax
@@ -24,20 +23,11 @@ os.environ["TERRA_STRICT"] = "1"
 os.environ.setdefault("TERRA_SYNC_COMPILE", "1")
 
 import harness  # noqa: E402
-from harness import assert_same_text, assert_same_tree  # noqa: E402
+from harness import assert_same_text, assert_same_tree, load_program  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(ROOT, "examples")
 STEPS = 10
 
 
-def load_program(name):
-    """Import examples/<name>.py as a fresh module (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        f"terra_program_{name}", os.path.join(EXAMPLES, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def differential(name, steps=STEPS):

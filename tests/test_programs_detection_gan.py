@@ -19,23 +19,13 @@ What is hard about them for whole-step staging, inside the step functions:
   loss with respect to the predictions, and the pullback.
 """
 
-import importlib.util
-import os
 
 import pytest
 
-from harness import assert_same_text, assert_same_tree
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import assert_same_text, assert_same_tree, load_program
 
 
-def load_program(name):
-    """Import examples/<name>.py afresh (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        f"terra_program_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ logits inside the step) and music_transformer (shapes chosen by `int()` of a
 tensor inside the step) are not.
 """
 
-import importlib.util
 import os
 
 os.environ["TERRA_STRICT"] = "1"
@@ -22,19 +21,11 @@ os.environ.setdefault("TERRA_SYNC_COMPILE", "1")
 import jax
 import pytest
 
-from harness import assert_same_text, assert_same_tree
+from harness import assert_same_text, assert_same_tree, load_program
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 
 
-def load_program(name):
-    """Import examples/<name>.py as a standalone module (examples/ is no package)."""
-    spec = importlib.util.spec_from_file_location(
-        f"terra_program_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_program(module, wrap, steps=STEPS):
