@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+PROTOS := $(wildcard proto/*.proto)
+# Generated modules land in runtime/_proto/ and import as runtime._proto.X_pb2.
+PROTO_PY := $(patsubst proto/%.proto,runtime/_proto/%_pb2.py,$(PROTOS))
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,15 +16,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+runtime/_proto/%_pb2.py: proto/%.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iruntime/_proto=proto --python_out=. --grpc_python_out=. --pyi_out=. $<
+
+proto: $(PROTO_PY)
+
+demo: $(STAMP) proto
 	$(PY) -m terra bench --quick --json out/bench.json --plot out/bench.png
 
-test: $(STAMP)
+test: $(STAMP) proto
 	TERRA_STRICT=1 $(PY) -m pytest -q tests
 
-bench: $(STAMP)
+bench: $(STAMP) proto
 	$(PY) -m terra bench --json out/bench.json --plot out/bench.png
 	$(PY) benchmarks/step_time.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info runtime/_proto/*_pb2*

@@ -1,0 +1,1 @@
+"""Python code generated from proto/*.proto (by `make proto`; not committed)."""
