@@ -3,8 +3,12 @@
 `terra.function` runs an unmodified eager training step at compiled-graph
 speed; see README.md and DESIGN.md for how.
 """
-from terra.api import StepFunction, function
+from terra import telemetry
+from terra.api import StepFunction, explain, function
 from terra.coexec import TerraInternalError, TerraWarning
-from terra.telemetry import Stats
+from terra.telemetry import Stats, timeline
 
-__all__ = ["function", "StepFunction", "Stats", "TerraWarning", "TerraInternalError"]
+__all__ = ["function", "explain", "timeline", "StepFunction", "Stats", "TerraWarning",
+           "TerraInternalError"]
+
+telemetry.configure_from_env()

@@ -1,7 +1,11 @@
-"""Command line: `python -m terra run --step NAME script.py [args...]`.
+"""Command line.
 
-Runs an unmodified script as `__main__`, with each named module-level function
-wrapped by `terra.function` right where the script defines it.
+- `python -m terra run --step NAME [--trace F] [--explain] [--telemetry ADDR] script.py [args...]`
+  runs an unmodified script as `__main__`, with each named module-level
+  function wrapped by `terra.function` right where the script defines it.
+- `python -m terra watch HOST:PORT`: live dashboard of a program run with
+  `TERRA_TELEMETRY` (or `--telemetry`).
+- `python -m terra bench ...`: eager vs jax.jit vs terra on the examples.
 """
 from __future__ import annotations
 
@@ -81,11 +85,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     run = sub.add_parser("run", help="run an unmodified script with step functions co-executed")
     run.add_argument("--step", action="append", required=True, metavar="NAME",
                      help="module-level function to wrap with terra.function (repeatable)")
+    run.add_argument("--trace", metavar="FILE",
+                     help="write a Chrome trace timeline (open it in https://ui.perfetto.dev)")
+    run.add_argument("--explain", action="store_true",
+                     help="print where each step function syncs, diverges and compiles, at exit")
+    run.add_argument("--telemetry", metavar="[HOST:]PORT",
+                     help="serve the live event stream (loopback by default) for `terra watch`")
     run.add_argument("script", help="the Python script to run as __main__")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    sub.add_parser("watch", add_help=False,
+                   help="live dashboard of a program run with TERRA_TELEMETRY (see --help)")
     sub.add_parser("bench", add_help=False,
                    help="eager vs jax.jit vs terra on the example programs (see --help)")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["watch"]:
+        from terra.telemetry import watch
+        raise SystemExit(watch.main(argv[1:]))
     if argv[:1] == ["bench"]:
         from terra import bench
         raise SystemExit(bench.main(argv[1:]))
@@ -93,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if ns.command == "run":
         if not os.path.isfile(ns.script):
             raise SystemExit(f"terra run: no such script: {ns.script}")
+        if ns.trace or ns.explain or ns.telemetry:
+            from terra import telemetry
+            telemetry.enable(trace=ns.trace, explain_at_exit=ns.explain, stream=ns.telemetry)
         run_script(ns.script, ns.step, ns.args)
 
 

@@ -16,6 +16,7 @@ XLA graph on the executor thread. Results are those of eager execution.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import threading
@@ -30,13 +31,27 @@ from terra.coexec import COEXEC, TRACING, StepRun, TerraInternalError, TerraWarn
 from terra import generate
 from terra.generate import Program, build_program
 from terra.intercept import TerraTrace, install, install_autodiff_hooks
-from terra.telemetry import Stats
+from terra import telemetry
+from terra.telemetry import Stats, events
+from terra.telemetry.events import COMPILE, COUNTER, GAVE_UP, INTERNAL_ERROR, STEP
 from terra.trace import TraceGraph
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _active = threading.local()  # the StepRun this thread is inside, if any
 install_autodiff_hooks()
+
+
+_names: collections.Counter = collections.Counter()
+_names_lock = threading.Lock()
+
+
+def _unique_name(name: str) -> str:
+    """`name`, or `name#k` for the k-th step function of that name (telemetry keys)."""
+    with _names_lock:
+        _names[name] += 1
+        k = _names[name]
+    return name if k == 1 else f"{name}#{k}"
 
 
 def _env_flag(name: str) -> bool:
@@ -50,6 +65,7 @@ class StepFunction:
                  executor: GraphExecutor | None = None):
         functools.update_wrapper(self, fn)
         self._fn = fn
+        self.telemetry_name = _unique_name(self.__name__)
         self._max_graphs = max_graphs
         self._strict = _env_flag("TERRA_STRICT") if strict is None else strict
         self._sync_compile = _env_flag("TERRA_SYNC_COMPILE")
@@ -85,14 +101,21 @@ class StepFunction:
     def __call__(self, *args, **kwargs):
         stats = self._stats
         stats.steps += 1
+        telemetry = events.recorder
+        start_ns = time.perf_counter_ns()
         if self._stats.gave_up or _env_flag("TERRA_DISABLE") or getattr(_active, "run", None):
             stats.eager += 1
-            return self._fn(*args, **kwargs)
+            try:
+                return self._fn(*args, **kwargs)
+            finally:
+                if telemetry is not None:
+                    telemetry.slice(STEP, self.telemetry_name, stats.steps, start_ns, {"phase": "eager"})
         self._adopt_compiled_program()
         program = self._program
         leaves = jax.tree.leaves((args, kwargs))
         run = StepRun(self, COEXEC if program is not None else TRACING, program, leaves)
         nodes_before = self._graph.num_nodes
+        counts = stats.wait_seconds, stats.fetch_waits, stats.feeds
         start = time.perf_counter()
         try:
             with install(TerraTrace(run)):
@@ -101,17 +124,33 @@ class StepFunction:
                     out = self._fn(*args, **kwargs)
                 finally:
                     _active.run = None
-        except BaseException:
+        except BaseException as err:
             run.abort()
+            if telemetry is not None:
+                self._step_event(telemetry, run, start_ns, counts, raised=type(err).__name__)
             raise
         out = run.finish(out)
         if program is not None:
             stats.step_seconds += time.perf_counter() - start
+        if telemetry is not None:
+            self._step_event(telemetry, run, start_ns, counts)
         try:
             self._maybe_generate(grew=self._graph.num_nodes != nodes_before)
         except Exception as err:
             self._internal_failure(err, "generating a graph")
         return out
+
+    def _step_event(self, telemetry, run: StepRun, start_ns: int, counts: tuple,
+                    raised: str | None = None) -> None:
+        """The step's slice; `counts` are the stats (wait, waits, feeds) before it."""
+        stats, (waited, syncs, feeds) = self._stats, counts
+        data = {"phase": run.mode, "wait_us": (stats.wait_seconds - waited) * 1e6,
+                "syncs": stats.fetch_waits - syncs, "feeds": stats.feeds - feeds,
+                "ops": len(run.rec.ops)}
+        if raised:
+            data["raised"] = raised
+        telemetry.slice(STEP, self.telemetry_name, run.step, start_ns, data)
+        telemetry.instant(COUNTER, "", 0, {"placeholders (last step)": len(run.rec.ops)})
 
     # -- graph generation, always off the Python thread's critical path ------
     def _maybe_generate(self, grew: bool) -> None:
@@ -129,7 +168,10 @@ class StepFunction:
         program = build_program(self._graph)
         cache, stats = self._executables, self._stats
 
+        telemetry, paths = events.recorder, self._graph.paths()
+
         def compile_program():
+            start = time.perf_counter_ns()
             compiled = 0
             for seg in program.segments:
                 exe = cache.get(seg.signature)
@@ -137,6 +179,11 @@ class StepFunction:
                     exe = cache[seg.signature] = generate.compile_segment(seg)
                     compiled += 1
                 seg.executable = exe
+            if telemetry is not None:
+                telemetry.slice(COMPILE, self.telemetry_name, 0, start, {
+                    "version": program.version, "segments": len(program.segments),
+                    "compiled": compiled, "paths": paths,
+                    "ops": sum(len(seg.nodes) for seg in program.segments)})
             return program, compiled
 
         stats.compiles += 1
@@ -163,6 +210,9 @@ class StepFunction:
 
     def _internal_failure(self, err: Exception, doing: str) -> None:
         self._stats.internal_errors += 1
+        if events.recorder is not None:
+            events.recorder.instant(INTERNAL_ERROR, self.telemetry_name, self._stats.steps,
+                                    {"doing": doing, "error": repr(err)})
         if self._strict:
             raise TerraInternalError(f"terra failed while {doing}: {err!r}") from err
         self._give_up(f"internal error while {doing}: {err!r}")
@@ -170,6 +220,9 @@ class StepFunction:
     def _give_up(self, reason: str) -> None:
         if not self._stats.gave_up:
             self._stats.gave_up = reason
+            if events.recorder is not None:
+                events.recorder.instant(GAVE_UP, self.telemetry_name, self._stats.steps,
+                                        {"reason": reason})
             warnings.warn(f"terra: {self.__name__!r} stays eager from now on: {reason}",
                           TerraWarning, stacklevel=4)
 
@@ -198,3 +251,33 @@ def function(fn: F | None = None, *, max_graphs: int = 8, strict: bool | None = 
     if fn is None:
         return functools.partial(function, max_graphs=max_graphs, strict=strict)  # type: ignore
     return StepFunction(fn, max_graphs=max_graphs, strict=strict)  # type: ignore
+
+
+def explain(fn: StepFunction | None = None, *, at_exit: bool = False) -> str:
+    """The explain report: sync points, divergences, compiles and advice.
+
+    Events are collected while telemetry is on (TERRA_EXPLAIN=1, TERRA_TRACE,
+    TERRA_TELEMETRY, `terra.timeline`, or `explain(..., at_exit=True)` before
+    the loop); without them the report has the counters only.
+
+    Args:
+        fn: a `terra.function`; None for every step function seen.
+        at_exit: also switch event collection on now and print the report of
+            every step function to stderr when the program exits.
+
+    Example:
+        >>> terra.explain(train_step, at_exit=True)       # doctest: +SKIP
+        >>> for batch in data: train_step(...)            # report printed at exit
+    """
+    if at_exit:
+        telemetry.enable(explain_at_exit=True)
+    name = None if fn is None else fn.telemetry_name
+    text = telemetry.report(name)
+    if fn is not None and not text:  # no events: the counters, and how to get more
+        s = fn.stats()
+        text = (f"terra explain: {name}\n  steps: {s.steps} (tracing {s.traced}, co-executed "
+                f"{s.coexecuted}, fell back {s.fallbacks}, eager {s.eager}); {s.compiles} compiles; "
+                f"{s.fetch_waits} of {s.fetches} fetches waited for the graph\n"
+                "  no events were collected for it: set TERRA_EXPLAIN=1 (or call terra.explain(fn, "
+                "at_exit=True) before the loop) for sync points and divergences by source line")
+    return text

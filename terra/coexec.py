@@ -13,6 +13,7 @@ A `StepRun` is the handler of one step's `TerraTrace`. It is in one mode:
 """
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -21,11 +22,12 @@ import jax
 import numpy as np
 
 from runtime.executor import wait
+from terra.telemetry import events
 from terra.autodiff import GRAD, GradSpec, apply_gradient_op, external_inputs
 from terra.generate import ARG_IN, ENV, LIVE, Program, Segment
 from terra.intercept import (
     GradCall, Placeholder, TerraTrace, aval_of, check_gradient_output, copy_value, eager,
-    eval_primitive, frozen_copy, has_host_effect, user_location,
+    eval_primitive, frozen_copy, has_host_effect, user_frame, user_location,
 )
 from terra.trace import (
     ARG, DATA, FEED, FEED_REF, NODE, GraphNode, Op, Recording, feed_token, params_equal, tokens_equal,
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from terra.api import StepFunction
 
 TRACING, COEXEC, FALLBACK, PASSTHROUGH = "tracing", "coexec", "fallback", "passthrough"
+
+_flow_ids = itertools.count(1)  # links a dispatched segment to the fetches it serves (timeline)
 
 
 class TerraInternalError(RuntimeError):
@@ -85,6 +89,10 @@ class StepRun:
         self.cone: dict = {}                 # ValueKey -> value computed eagerly on demand
         self.futures: dict = {}              # id(Segment) -> Future of its dispatch
         self.region: Region | None = None    # open autodiff-elision region
+        self.telemetry = events.recorder     # None while telemetry is off
+        self.name = owner.telemetry_name
+        self.step = owner._stats.steps
+        self.flows: dict = {}                # id(Segment) -> flow id of its dispatch
 
     # -- the trace calls this for every primitive ----------------------------
     def apply(self, trace: TerraTrace, prim, args, params):
@@ -116,13 +124,18 @@ class StepRun:
         pos = child.pos
         if op.feed_slots:
             # The program was built with these values: check Python's match.
-            for k, token in self.program.predictions.get(child, ()):
+            predicted = self.program.predictions.get(child, ())
+            for k, token in predicted:
                 if not tokens_equal(token, feed_token(args[k])):
                     self.graph.mark_varying(child, k)
                     self._diverge(f"a feed to {prim.name} changed value (now fed live)")
                     return None
             self.rec.feeds[pos] = tuple(frozen_copy(args[k]) for k in op.feed_slots)
             self.stats.feeds += len(op.feed_slots)
+            # Predicted feeds are only checked (the step event counts them); live ones travel.
+            if self.telemetry is not None and len(op.feed_slots) > len(predicted):
+                self.telemetry.instant(events.FEED, self.name, self.step,
+                                       {"op": op.label, "values": len(op.feed_slots) - len(predicted)})
         return self._enter_node(trace, child, args)
 
     def _enter_node(self, trace, child: GraphNode, args):
@@ -189,8 +202,13 @@ class StepRun:
         """Send a segment to the executor thread; its inputs all exist now."""
         env, args, feeds = self.env, self.args, self.rec.feeds
         executable = seg.executable
+        telemetry = self.telemetry
+        if telemetry is not None:
+            self.flows[id(seg)] = flow = next(_flow_ids)
+            info = {"segment": seg.index, "ops": len(seg.nodes), "flow": flow}
 
         def job():
+            start = time.perf_counter_ns()
             vals = []
             for i, (kind, a, b) in enumerate(seg.inputs):
                 if kind == ENV:
@@ -204,6 +222,10 @@ class StepRun:
             outs = executable(*vals)
             for key, v in zip(seg.outputs, outs):
                 env[key] = v
+            if telemetry is not None:
+                telemetry.slice(events.DISPATCH, self.name, self.step, start, info)
+                telemetry.watch_segment(self.name, self.step, info, time.perf_counter_ns(),
+                                        lambda: jax.block_until_ready(outs))
 
         self.futures[id(seg)] = self.owner._executor.dispatch(job)
         self.stats.segments_dispatched += 1
@@ -214,6 +236,9 @@ class StepRun:
         self.stats.fallbacks += 1
         self.stats.last_divergence = f"{where}: {reason}"
         self.mode = FALLBACK
+        if self.telemetry is not None:
+            self.telemetry.instant(events.DIVERGENCE, self.name, self.step,
+                                   {"reason": reason, "where": where})
 
     # -- TRACING / FALLBACK ----------------------------------------------------
     def _apply_eager(self, trace, prim, args, params):
@@ -241,6 +266,7 @@ class StepRun:
                 elif inp[0] == ARG or inp[1] < region.start:
                     region.captured[inp] = v
             region = self._differentiated_region(args)
+        start = time.perf_counter_ns()
         out = eval_primitive(prim, vals, params)  # the user's errors surface here, as in eager
         outs = out if prim.multiple_results else (out,)
         avals = tuple(aval_of(o) for o in outs)
@@ -250,6 +276,9 @@ class StepRun:
             self.rec.ops.append(op)
             if feeds:
                 self.rec.feeds[pos] = tuple(feeds)
+            if self.telemetry is not None:
+                self.telemetry.slice(events.RECORD, self.name, self.step, start,
+                                     {"op": op.label, "where": op.where})
         except Exception as err:
             self.internal_failure(err, "recording an op")
             return out
@@ -427,14 +456,40 @@ class StepRun:
     def fetch(self, ph: Placeholder) -> Any:
         """Python needs the concrete value of `ph` (a sync point if not ready)."""
         self.stats.fetches += 1
+        planned = True
         if self.active and ph._run is self:
             key = (ph._pos, ph._out)
             self.rec.fetches.append((len(self.rec.ops) - 1, key))
             if self.mode == COEXEC and not (self.node.fetch_after and key in self.node.needed):
                 self.graph.note_fetch(self.node, key)  # unplanned: next graph cuts here
+                planned = False
+        if self.telemetry is None:
+            v = ph.value()
+            _wait_ready(v, self.stats)
+            return v
+        start, waited = time.perf_counter_ns(), self.stats.wait_seconds
         v = ph.value()
         _wait_ready(v, self.stats)
+        self._fetch_event(ph, start, self.stats.wait_seconds - waited, planned)
         return v
+
+    def _fetch_event(self, ph: Placeholder, start: int, wait_s: float, planned: bool) -> None:
+        """Where the user fetched (file:line, variable name) and what it waited for."""
+        frame = user_frame()
+        data = {"wait_us": wait_s * 1e6, "planned": planned,
+                "where": "<unknown>" if frame is None else
+                f"{frame.f_code.co_filename}:{frame.f_lineno}"}
+        if frame is not None:
+            data["name"] = next((k for k, v in frame.f_locals.items() if v is ph), None)
+        run = ph._run
+        if ph._pos < len(run.rec.ops):
+            data["op"] = run.rec.ops[ph._pos].label
+        if run.program is not None and ph._pos < len(run.nodes):
+            seg = run.program.segment_of.get(run.nodes[ph._pos])
+            if seg is not None and id(seg) in run.flows:
+                data["flow"] = flow = run.flows[id(seg)]
+                self.telemetry.note_ready(flow, time.perf_counter_ns())
+        self.telemetry.slice(events.FETCH, self.name, self.owner._stats.steps, start, data)
 
     # -- step boundaries ---------------------------------------------------------
     def finish(self, out: Any) -> Any:
@@ -482,6 +537,9 @@ class StepRun:
     def internal_failure(self, err: BaseException, doing: str) -> None:
         """Terra itself failed: raise in strict mode, else warn once and go eager."""
         self.stats.internal_errors += 1
+        if self.telemetry is not None:
+            self.telemetry.instant(events.INTERNAL_ERROR, self.name, self.step,
+                                   {"doing": doing, "error": repr(err)})
         if self.owner._strict:
             raise TerraInternalError(f"terra failed while {doing}: {err!r}") from err
         if self.stats.internal_errors == 1:

@@ -44,6 +44,7 @@ class Segment:
     """A jitted piece of the skeleton graph."""
 
     nodes: list                                      # GraphNodes, in program order
+    index: int = 0                                   # position in Program.segments (for telemetry)
     inputs: list = field(default_factory=list)       # [(kind, a, b)]
     in_avals: list = field(default_factory=list)
     outputs: list = field(default_factory=list)      # [ValueKey]
@@ -87,7 +88,7 @@ def build_program(graph: TraceGraph) -> Program:
                 if predicted:
                     predictions[n] = predicted
             for level, (nodes, dispatch_node) in sorted(_assign_levels(block, level_of).items()):
-                seg = Segment(nodes)
+                seg = Segment(nodes, index=len(segments))
                 for n in nodes:
                     segment_of[n] = seg
                 dispatch_at.setdefault(dispatch_node, []).append(seg)

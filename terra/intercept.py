@@ -440,13 +440,19 @@ _TERRA_DIR = __file__.rsplit("/", 1)[0]
 _SKIP_PREFIXES = (_TERRA_DIR, "<frozen", sys.prefix + "/lib")  # sys.prefix: our venv's site-packages
 
 
-def user_location(skip: tuple[str, ...] = ()) -> str:
-    """`file:line` of the innermost frame outside JAX, Terra and libraries."""
+def user_frame(skip: tuple[str, ...] = ()) -> Any:
+    """The innermost frame outside JAX, Terra and libraries (None if there is none)."""
     f = sys._getframe(1)
     prefixes = _SKIP_PREFIXES + skip
     while f is not None:
         name = f.f_code.co_filename
         if not name.startswith(prefixes) and "site-packages" not in name:
-            return f"{name}:{f.f_lineno}"
+            return f
         f = f.f_back
-    return "<unknown>"
+    return None
+
+
+def user_location(skip: tuple[str, ...] = ()) -> str:
+    """`file:line` of the innermost frame outside JAX, Terra and libraries."""
+    f = user_frame(skip)
+    return "<unknown>" if f is None else f"{f.f_code.co_filename}:{f.f_lineno}"

@@ -44,6 +44,12 @@ class Op:
     host_effect: bool        # must run in Python at its place (prints, callbacks)
     feed_slots: tuple = ()   # indices of inputs that are feeds
 
+    @property
+    def label(self) -> str:
+        """The primitive's name; a nested jit adds its function's (`jit:greater`)."""
+        name = self.params.get("name")
+        return f"{self.prim.name}:{name}" if isinstance(name, str) else self.prim.name
+
     def same_as(self, other: "Op") -> bool:
         """Op-key equality: primitive, params, input origins and avals."""
         return (self.prim is other.prim and self.inputs == other.inputs

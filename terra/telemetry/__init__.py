@@ -1,0 +1,143 @@
+"""Telemetry: counters, timed events, timelines, the live stream and explain.
+
+Counters (`Stats`) are always kept. Events are collected only while telemetry
+is on, switched on by the environment when `terra` is imported:
+
+- `TERRA_TRACE=path.json`: write a Chrome trace timeline (open in Perfetto).
+- `TERRA_EXPLAIN=1`: print the explain report of every step function at exit.
+- `TERRA_TELEMETRY=[host:]port`: serve the live event stream (loopback by
+  default) for `python -m terra watch host:port`.
+
+or from code: `enable(...)`, the `timeline(path)` context manager, and
+`terra.explain(step_fn)`.
+
+Pipeline: the runtime emits `events.Event`s into `events.recorder`; its drain
+thread hands them to the sinks: `timeline.ChromeTraceSink`,
+`explain.ExplainSink`, `stream.StreamSink`.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import sys
+import threading
+from typing import Iterator
+
+from terra.telemetry import events
+from terra.telemetry.events import Recorder
+from terra.telemetry.explain import ExplainSink, render
+from terra.telemetry.stats import Stats
+from terra.telemetry.timeline import ChromeTraceSink
+
+__all__ = ["Stats", "enable", "disable", "timeline", "report", "stream_address"]
+
+_lock = threading.Lock()
+_explain: ExplainSink | None = None    # attached whenever events are collected
+_explain_at_exit = False
+_stream = None                         # the StreamSink, if serving
+
+
+def enable(*, trace: str | None = None, explain_at_exit: bool = False,
+           stream: str | None = None) -> Recorder:
+    """Start collecting events (idempotent); optionally add a sink.
+
+    Args:
+        trace: write a Chrome trace timeline to this path (closed at exit).
+        explain_at_exit: print the explain report of every step function at exit.
+        stream: serve the live event stream at `[host:]port` (loopback by default;
+            port 0 picks a free one, see `stream_address()`).
+
+    Example:
+        >>> import terra.telemetry as tt
+        >>> rec = tt.enable()          # events are now aggregated for terra.explain
+        >>> tt.disable()
+    """
+    global _explain, _explain_at_exit, _stream
+    with _lock:
+        rec = events.recorder
+        if rec is None:
+            rec = Recorder()
+            _explain = ExplainSink()
+            rec.add_sink(_explain)
+            events.set_recorder(rec)
+            atexit.register(_at_exit)
+        if trace:
+            rec.add_sink(ChromeTraceSink(trace, rec.origin_ns))
+        if stream is not None and _stream is None:
+            from terra.telemetry.stream import StreamSink, parse_address
+            host, port = parse_address(stream)
+            _stream = StreamSink(host, port, rec.origin_ns)
+            rec.add_sink(_stream)
+            print(f"terra: telemetry stream on {_stream.address} "
+                  f"(watch it: python -m terra watch {_stream.address})", file=sys.stderr)
+        _explain_at_exit = _explain_at_exit or explain_at_exit
+        return rec
+
+
+def disable() -> None:
+    """Stop collecting events; flush and close every sink (timeline files, stream)."""
+    global _explain, _stream
+    with _lock:
+        rec = events.recorder
+        if rec is None:
+            return
+        events.set_recorder(None)
+        _stream = None
+    rec.close()
+
+
+@contextlib.contextmanager
+def timeline(path: str) -> Iterator[str]:
+    """Write the events of the enclosed code as a Chrome trace to `path`.
+
+    Example:
+        >>> with terra.timeline("out/steps.json"):          # doctest: +SKIP
+        ...     for batch in data:
+        ...         params, opt_state, loss = train_step(params, opt_state, batch)
+        # open out/steps.json in https://ui.perfetto.dev
+    """
+    started = events.recorder is None
+    rec = enable()
+    sink = ChromeTraceSink(path, rec.origin_ns)
+    rec.add_sink(sink)
+    try:
+        yield path
+    finally:
+        rec.remove_sink(sink)
+        if started:
+            disable()
+
+
+def report(name: str | None = None) -> str:
+    """The explain report of step function `name` (all of them when None); '' if no events."""
+    sink = _explain
+    if sink is None:
+        return ""
+    if events.recorder is not None:
+        events.recorder.flush()
+    names = sorted(sink.functions) if name is None else [name] if name in sink.functions else []
+    return "\n\n".join(render(n, sink.aggregate(n)) for n in names)
+
+
+def stream_address() -> str | None:
+    """`host:port` of the live event stream, when serving."""
+    return None if _stream is None else _stream.address
+
+
+def configure_from_env() -> None:
+    """Apply TERRA_TRACE / TERRA_EXPLAIN / TERRA_TELEMETRY (called on `import terra`)."""
+    trace = os.environ.get("TERRA_TRACE", "").strip() or None
+    explain = os.environ.get("TERRA_EXPLAIN", "").strip().lower() not in ("", "0", "false", "no")
+    stream = os.environ.get("TERRA_TELEMETRY", "").strip() or None
+    if trace or explain or stream:
+        enable(trace=trace, explain_at_exit=explain, stream=stream)
+
+
+def _at_exit() -> None:
+    sink = _explain
+    if _explain_at_exit and sink is not None:
+        text = report()
+        if text:
+            print(text, file=sys.stderr)
+    disable()
