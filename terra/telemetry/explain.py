@@ -186,6 +186,11 @@ def _advice(agg: FunctionAggregate) -> list[str]:
         elif "print(" in text or "log" in text:
             out.append(f"{what}: moving the print to every {_EVERY}th step "
                        f"(`if step % {_EVERY} == 0:`) would remove {share:.0f}% of the waits")
+        elif any(host in text for host in ("np.", "numpy", ".tolist(", "__array__")):
+            out.append(f"{what}: host (NumPy) code needs the value here. If that code can be "
+                       "written with jnp it stays in the graph; otherwise the graph already runs "
+                       "everything independent of it ahead, so the wait is the device time of "
+                       "what it depends on")
         else:
             out.append(f"{what}: keep it as an array (e.g. append the array and convert after the "
                        f"loop), or convert every {_EVERY}th step to remove {share:.0f}% of the waits")
