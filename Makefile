@@ -8,7 +8,7 @@ PROTOS := $(wildcard proto/*.proto)
 # Generated modules land in runtime/_proto/ and import as runtime._proto.X_pb2.
 PROTO_PY := $(patsubst proto/%.proto,runtime/_proto/%_pb2.py,$(PROTOS))
 
-.PHONY: demo test bench proto clean
+.PHONY: demo test bench fuzz proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: $(STAMP) proto
 
 test: $(STAMP) proto
 	TERRA_STRICT=1 $(PY) -m pytest -q tests
+
+# The long fuzzing profile and the reliability figures (faults survived, RSS growth).
+fuzz: $(STAMP) proto
+	TERRA_STRICT=1 $(PY) tests/fuzz.py --programs 2000
+	TERRA_STRICT=1 $(PY) benchmarks/reliability.py
 
 bench: $(STAMP) proto
 	$(PY) -m terra bench --json out/bench.json --plot out/bench.png

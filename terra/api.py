@@ -61,12 +61,13 @@ def _env_flag(name: str) -> bool:
 class StepFunction:
     """A step function run by Terra. Call it exactly like the wrapped function."""
 
-    def __init__(self, fn: Callable, *, max_graphs: int = 8, strict: bool | None = None,
-                 executor: GraphExecutor | None = None):
+    def __init__(self, fn: Callable, *, max_graphs: int = 8, max_paths: int = 64,
+                 strict: bool | None = None, executor: GraphExecutor | None = None):
         functools.update_wrapper(self, fn)
         self._fn = fn
         self.telemetry_name = _unique_name(self.__name__)
         self._max_graphs = max_graphs
+        self._max_paths = max_paths
         self._strict = _env_flag("TERRA_STRICT") if strict is None else strict
         self._sync_compile = _env_flag("TERRA_SYNC_COMPILE")
         self._executor = executor or default_executor()
@@ -75,13 +76,16 @@ class StepFunction:
         self._program: Program | None = None
         self._pending = None                      # Future of the program being compiled
         self._executables: dict = {}              # segment signature -> compiled executable
+        self._busy = threading.Lock()             # held by the co-executed call in progress
+        self._warned_concurrent = False
 
     def __get__(self, obj, objtype=None):  # used as a method: bind `self`
         return self if obj is None else functools.partial(self, obj)
 
     def stats(self) -> Stats:
         """Counters of what Terra did so far (see `terra.telemetry.Stats`)."""
-        self._stats.paths = self._graph.paths()
+        if not self._stats.gave_up:
+            self._stats.paths = self._graph.paths()
         return self._stats
 
     def wait_for_graph(self, timeout: float | None = None) -> bool:
@@ -99,17 +103,39 @@ class StepFunction:
         return self._program is not None and not self._stats.gave_up
 
     def __call__(self, *args, **kwargs):
+        nested = getattr(_active, "run", None) is not None
+        if nested or self._stats.gave_up or _env_flag("TERRA_DISABLE"):
+            return self._call_eagerly(args, kwargs)
+        # One co-executed call at a time: a call from a second thread while one
+        # runs goes eagerly (same results, never waits for the other thread).
+        if not self._busy.acquire(blocking=False):
+            if not self._warned_concurrent:
+                self._warned_concurrent = True
+                warnings.warn(f"terra: {self.__name__!r} was called from two threads at once; "
+                              "concurrent calls run eagerly (results are unchanged)",
+                              TerraWarning, stacklevel=2)
+            return self._call_eagerly(args, kwargs)
+        try:
+            return self._call(args, kwargs)
+        finally:
+            self._busy.release()
+
+    def _call_eagerly(self, args, kwargs):
+        stats = self._stats
+        stats.steps += 1
+        stats.eager += 1
+        telemetry, start_ns = events.recorder, time.perf_counter_ns()
+        try:
+            return self._fn(*args, **kwargs)
+        finally:
+            if telemetry is not None:
+                telemetry.slice(STEP, self.telemetry_name, stats.steps, start_ns, {"phase": "eager"})
+
+    def _call(self, args, kwargs):
         stats = self._stats
         stats.steps += 1
         telemetry = events.recorder
         start_ns = time.perf_counter_ns()
-        if self._stats.gave_up or _env_flag("TERRA_DISABLE") or getattr(_active, "run", None):
-            stats.eager += 1
-            try:
-                return self._fn(*args, **kwargs)
-            finally:
-                if telemetry is not None:
-                    telemetry.slice(STEP, self.telemetry_name, stats.steps, start_ns, {"phase": "eager"})
         self._adopt_compiled_program()
         program = self._program
         leaves = jax.tree.leaves((args, kwargs))
@@ -156,6 +182,12 @@ class StepFunction:
     def _maybe_generate(self, grew: bool) -> None:
         """Regenerate once the TraceGraph changed and the last step added no new ops."""
         program = self._program
+        if self._graph.paths() > self._max_paths:
+            self._give_up(f"it took {self._graph.paths()} different paths "
+                          f"(max_paths={self._max_paths}): shapes or Python values that decide "
+                          "the path keep changing; last change: "
+                          f"{self._stats.last_divergence or 'new paths while tracing'}")
+            return
         if grew or self._pending is not None:
             return
         if program is not None and program.version == self._graph.version:
@@ -220,6 +252,9 @@ class StepFunction:
     def _give_up(self, reason: str) -> None:
         if not self._stats.gave_up:
             self._stats.gave_up = reason
+            self._stats.paths = self._graph.paths()
+            # Staying eager from now on: free the graph, the program and its executables.
+            self._graph, self._program, self._executables = TraceGraph(), None, {}
             if events.recorder is not None:
                 events.recorder.instant(GAVE_UP, self.telemetry_name, self._stats.steps,
                                         {"reason": reason})
@@ -227,13 +262,17 @@ class StepFunction:
                           TerraWarning, stacklevel=4)
 
 
-def function(fn: F | None = None, *, max_graphs: int = 8, strict: bool | None = None) -> F:
+def function(fn: F | None = None, *, max_graphs: int = 8, max_paths: int = 64,
+             strict: bool | None = None) -> F:
     """Run `fn` with imperative-symbolic co-execution. Use as `@terra.function`.
 
     Args:
         fn: the step function; any Python is allowed inside.
         max_graphs: how many times the graph may be regenerated (new paths,
             shape changes) before the function stays eager, with a warning.
+        max_paths: how many distinct paths (step endings) the TraceGraph may
+            hold; past it the function stays eager, with a warning, and its
+            graph is freed (bounds memory when shapes never repeat).
         strict: raise `TerraInternalError` on Terra's own failures instead of
             falling back to eager (default: the TERRA_STRICT environment variable).
 
@@ -249,8 +288,9 @@ def function(fn: F | None = None, *, max_graphs: int = 8, strict: bool | None = 
         5
     """
     if fn is None:
-        return functools.partial(function, max_graphs=max_graphs, strict=strict)  # type: ignore
-    return StepFunction(fn, max_graphs=max_graphs, strict=strict)  # type: ignore
+        return functools.partial(function, max_graphs=max_graphs, max_paths=max_paths,
+                                 strict=strict)  # type: ignore
+    return StepFunction(fn, max_graphs=max_graphs, max_paths=max_paths, strict=strict)  # type: ignore
 
 
 def explain(fn: StepFunction | None = None, *, at_exit: bool = False) -> str:

@@ -158,6 +158,7 @@ class TraceGraph:
     def __init__(self) -> None:
         self.root = GraphNode(None, -1, None, 0)
         self.version = 0          # bumped whenever the graph changes shape
+        self.endings = 0          # nodes where some step ended: the number of paths
         self.num_nodes = 0
         self.lock = threading.Lock()
 
@@ -186,6 +187,7 @@ class TraceGraph:
             if node is not self.root:
                 if not node.ends_here:
                     node.ends_here = True
+                    self.endings += 1
                     grew = True
                 grew |= self._add_needed(node, rec.returned)
             if grew:
@@ -205,6 +207,7 @@ class TraceGraph:
     def note_end(self, node: GraphNode, keys: list) -> bool:
         with self.lock:
             grew = not node.ends_here
+            self.endings += grew
             node.ends_here = True
             grew |= self._add_needed(node, keys)
             if grew:
@@ -235,9 +238,4 @@ class TraceGraph:
 
     def paths(self) -> int:
         """Number of distinct step endings (a measure of how many paths exist)."""
-        count, stack = 0, [self.root]
-        while stack:
-            n = stack.pop()
-            count += n.ends_here
-            stack.extend(n.children)
-        return count
+        return self.endings
