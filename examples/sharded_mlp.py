@@ -11,7 +11,8 @@ graph; nothing in the step knows about Terra.
     python examples/sharded_mlp.py --steps 50 --mode terra   # one mode only
 
 `--devices N` is the number of host CPU devices per process (set through
-XLA_FLAGS before JAX starts: the script re-executes itself with it).
+XLA_FLAGS before JAX starts: the script re-executes itself with it); with
+`--processes P` each process has one device by default (P global devices).
 """
 
 import argparse
@@ -231,15 +232,15 @@ def launch_processes(args, argv):
     except subprocess.TimeoutExpired:
         for proc in procs:
             proc.kill()
-        for proc in procs:
-            proc.communicate()
+        for i, proc in enumerate(procs):
+            print(f"-- process {i}, killed --\n{proc.communicate()[0]}", file=sys.stderr)
         print(f"timed out after {args.timeout} s; processes killed", file=sys.stderr)
         return 1
     results = []
     for i, (proc, out) in enumerate(zip(procs, outputs)):
         lines = out.splitlines()
         results += [json.loads(line[len(RESULT):]) for line in lines if line.startswith(RESULT)]
-        shown = [line for line in lines if not line.startswith(RESULT) and "[Gloo]" not in line]
+        shown = [line for line in lines if not line.startswith(RESULT) and "peer ranks" not in line]
         if i == 0 or proc.returncode != 0:
             print(f"-- process {i} (exit {proc.returncode}) --")
             print("\n".join(shown))
@@ -257,14 +258,16 @@ def main(argv=None):
     parser.add_argument("--mode", choices=["compare", "eager", "jit", "terra"], default="compare")
     parser.add_argument("--parallel", choices=["data", "model"], default="data")
     parser.add_argument("--devices", type=int, default=None,
-                        help="host CPU devices per process (default 8, or 2 with --processes)")
+                        help="host CPU devices per process (default 8, or 1 with --processes)")
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--json", help="write the comparison result(s) to this file")
     parser.add_argument("--timeout", type=float, default=300.0, help="multi-process run limit (s)")
     parser.add_argument("--process-id", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--coordinator", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    ensure_devices(args.devices or (2 if args.processes > 1 else 8))
+    # One device per process with several: XLA's CPU collectives intermittently hang with
+    # more (eager JAX alone, on a 2-core machine; see README).
+    ensure_devices(args.devices or (1 if args.processes > 1 else 8))
 
     if args.processes > 1 and args.process_id is None:
         return launch_processes(args, argv)

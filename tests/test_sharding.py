@@ -101,7 +101,7 @@ def test_coexecuted_sharded_steps_make_no_host_transfers(cases):
 def test_two_processes_data_parallel_match_eager(tmp_path):
     out = tmp_path / "result.json"
     cmd = [sys.executable, "examples/sharded_mlp.py", "--processes", "2", "--steps", "10",
-           "--json", str(out)]
+           "--json", str(out), "--timeout", "150"]
     # Graphs compile in the background by default; with several processes Terra
     # switches to each new graph at the same step everywhere (compiles in line).
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
@@ -110,7 +110,7 @@ def test_two_processes_data_parallel_match_eager(tmp_path):
     results = json.loads(out.read_text())
     assert [r["process"] for r in results] == [0, 1]
     for r in results:
-        assert r["process_count"] == 2 and r["global_devices"] == 4
+        assert r["process_count"] == 2 and r["global_devices"] == 2
         assert r["losses_match"] and r["params_match"] and r["shardings_match"], r
         assert len(r["terra_log"]) == 1 and r["terra_log"][0].startswith("step 10 loss"), r
         assert r["terra_stats"]["coexecuted"] >= 4 and r["terra_stats"]["fallbacks"] == 0, r
