@@ -430,10 +430,12 @@ def uncommitted(x: Any) -> Any:
     device = pxla.get_default_device()
     local = None
     if x.is_fully_replicated:
-        local = next((a for a in x._arrays if a.sharding._device == device), None)
+        local = next((a for a in x._arrays if device in a.devices()), None)
     if local is None:
         local = jax.device_put(x, device)
-    return array.ArrayImpl(local.aval, local.sharding, [local], committed=False)
+    aval = core.ShapedArray(x.shape, x.dtype, weak_type=x.aval.weak_type)  # no mesh in it
+    return array.ArrayImpl(aval, jax.sharding.SingleDeviceSharding(device), [local],
+                           committed=False)
 
 
 def has_host_effect(prim: Primitive, params: dict) -> bool:

@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+import harness
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 300
@@ -117,3 +119,15 @@ def test_two_processes_data_parallel_match_eager(tmp_path):
         assert r["terra_stats"]["segments_dispatched"] >= 4, r
     # both processes printed the same global loss
     assert results[0]["terra_log"] == results[1]["terra_log"]
+
+
+def test_sharded_example_on_one_device_matches_eager():
+    """The example's loop in this process (one CPU device: a one-device mesh)."""
+    example = harness.load_program("sharded_mlp")
+
+    def program(wrap, steps):
+        return example.run(wrap, steps), None
+
+    res = harness.differential(program, steps=12, min_coexecuted=8)
+    assert "step 10 loss" in res.eager.stdout
+    assert res.stats.fallbacks == 0 and res.stats.segments_dispatched >= 8, res.describe()
