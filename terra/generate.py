@@ -61,7 +61,9 @@ class Segment:
         """A sharding replicated over the devices the segment's committed values live on.
 
         None when no value is committed (the single-device case: compiled as
-        eager places values, on the default device).
+        eager places values, on the default device), or when the committed
+        shardings are of a kind it cannot replicate over (then XLA picks the
+        shardings of uncommitted outputs).
         """
         pinned = [p for p in (*self.in_placements, *self.out_placements) if p is not None]
         if not pinned:
@@ -276,7 +278,7 @@ def compile_segment(seg: Segment) -> Any:
                                   sharding=p)
              for a, p in zip(seg.in_avals, seg.in_placements)]
     replicated = seg.mesh_sharding()
-    if replicated is None:  # nothing committed: compiled for the default device
+    if replicated is None:  # as on one device: eager's uncommitted values, compiled as they are
         return jax.jit(segment_function(seg), keep_unused=True).lower(*specs).compile()
     out_shardings = [replicated if p is None else p for p in seg.out_placements]
     compiled = jax.jit(segment_function(seg), keep_unused=True,
