@@ -8,7 +8,7 @@ PROTOS := $(wildcard proto/*.proto)
 # Generated modules land in runtime/_proto/ and import as runtime._proto.X_pb2.
 PROTO_PY := $(patsubst proto/%.proto,runtime/_proto/%_pb2.py,$(PROTOS))
 
-.PHONY: demo test bench fuzz proto clean
+.PHONY: demo test bench bench-sharded fuzz proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ fuzz: $(STAMP) proto
 bench: $(STAMP) proto
 	$(PY) -m terra bench --json out/bench.json --plot out/bench.png
 	$(PY) benchmarks/step_time.py
+
+bench-sharded: $(STAMP) proto
+	$(PY) benchmarks/sharded.py --json out/sharded.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info runtime/_proto/*_pb2*

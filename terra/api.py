@@ -220,7 +220,10 @@ class StepFunction:
 
         stats.compiles += 1
         self._pending = self._executor.compile(compile_program)
-        if self._sync_compile:  # tests: deterministic switch to co-execution
+        # Tests want a deterministic switch to co-execution; so does a multi-process
+        # run: every process must run the same computations in the same order, or
+        # their collectives would not pair up.
+        if self._sync_compile or jax.process_count() > 1:
             wait(self._pending)
             self._adopt_compiled_program()
 

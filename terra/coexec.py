@@ -27,10 +27,11 @@ from terra.autodiff import GRAD, GradSpec, apply_gradient_op, external_inputs
 from terra.generate import ARG_IN, ENV, LIVE, Program, Segment
 from terra.intercept import (
     GradCall, Placeholder, TerraTrace, aval_of, check_gradient_output, copy_value, eager,
-    eval_primitive, frozen_copy, has_host_effect, user_frame, user_location,
+    eval_primitive, frozen_copy, has_host_effect, placement_of, user_frame, user_location,
 )
 from terra.trace import (
-    ARG, DATA, FEED, FEED_REF, NODE, GraphNode, Op, Recording, feed_token, params_equal, tokens_equal,
+    ARG, DATA, FEED, FEED_REF, NODE, GraphNode, Op, Recording, feed_token, params_equal, placements,
+    tokens_equal,
 )
 
 if TYPE_CHECKING:
@@ -75,11 +76,13 @@ class StepRun:
         self.args = arg_leaves
         self.arg_ids: dict[int, int] = {}
         self.arg_avals: list = [None] * len(arg_leaves)
+        self.arg_placements: list = [None] * len(arg_leaves)
         self.data_arg_ids: set = set()       # numpy arrays passed in: data, fed live
         for i, x in enumerate(arg_leaves):
             if isinstance(x, jax.Array) and id(x) not in self.arg_ids:
                 self.arg_ids[id(x)] = i
                 self.arg_avals[i] = aval_of(x)
+                self.arg_placements[i] = placement_of(x)
             elif isinstance(x, np.ndarray):
                 self.data_arg_ids.add(id(x))
         self.rec = Recording()
@@ -171,17 +174,20 @@ class StepRun:
     def _inputs_match(self, op: Op, args) -> bool:
         if len(args) != len(op.inputs):
             return False
-        for (kind, a, b), x in zip(op.inputs, args):
+        placed = op.placements
+        for k, ((kind, a, b), x) in enumerate(zip(op.inputs, args)):
             if kind == NODE:
                 if type(x) is not Placeholder or x._run is not self or x._pos != a or x._out != b:
                     return False
             elif kind == ARG:
                 if x is not self.args[a] or self.arg_avals[a] != b:
                     return False
+                if self.arg_placements[a] != (placed[k] if placed else None):
+                    return False
             else:
                 if (type(x) is Placeholder and x._run is self) or id(x) in self.arg_ids:
                     return False
-                if aval_of(x) != a:
+                if aval_of(x) != a or placement_of(x) != (placed[k] if placed else None):
                     return False
         return True
 
@@ -272,7 +278,9 @@ class StepRun:
         avals = tuple(aval_of(o) for o in outs)
         try:
             op = Op(prim, params, tuple(inputs), avals, prim.multiple_results,
-                    user_location(), has_host_effect(prim, params), tuple(slots))
+                    user_location(), has_host_effect(prim, params), tuple(slots),
+                    placements(None if i[0] == NODE else v for i, v in zip(inputs, vals)),
+                    placements(outs))
             self.rec.ops.append(op)
             if feeds:
                 self.rec.feeds[pos] = tuple(feeds)
@@ -346,10 +354,12 @@ class StepRun:
             self._diverge("the differentiated function took a new path")
         inputs = [(NODE, p, o) for p, o in region.diff] + external_inputs(spec)
         vals = [self._region_input(region, inp) for inp in inputs]
-        op = Op(GRAD, {"spec": spec}, tuple(inputs), (), True, user_location(), False, ())
+        op = Op(GRAD, {"spec": spec}, tuple(inputs), (), True, user_location(), False, (),
+                placements(None if i[0] == NODE else v for i, v in zip(inputs, vals)))
         with eager():
             grads = apply_gradient_op(op, vals)
         op.out_avals = tuple(aval_of(g) for g in grads)
+        op.out_placements = placements(grads)
         self.rec.ops.append(op)
         return [Placeholder(trace, a, self, pos, o, g)
                 for o, (a, g) in enumerate(zip(op.out_avals, grads))]

@@ -24,9 +24,10 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from terra.autodiff import GRAD, apply_gradient_op
-from terra.intercept import bind_op
+from terra.intercept import bind_op, uncommitted
 from terra.trace import ARG, FEED_REF, NODE, GraphNode, TraceGraph, ValueKey
 
 # Segment input kinds.
@@ -47,12 +48,41 @@ class Segment:
     index: int = 0                                   # position in Program.segments (for telemetry)
     inputs: list = field(default_factory=list)       # [(kind, a, b)]
     in_avals: list = field(default_factory=list)
+    in_placements: list = field(default_factory=list)   # sharding per input (None: movable)
     outputs: list = field(default_factory=list)      # [ValueKey]
+    out_placements: list = field(default_factory=list)  # eager's sharding per output, or None
     constants: dict = field(default_factory=dict)    # input index -> predicted value
     executable: Any = None
 
     def finalize(self) -> None:
         self.output_set = frozenset(self.outputs)
+        self._place_constants()
+
+    def mesh_sharding(self) -> Any:
+        """A sharding replicated over the devices the segment's committed values live on.
+
+        None when no value is committed (the single-device case: compiled as
+        eager places values, on the default device), or when the committed
+        shardings are of a kind it cannot replicate over (then XLA picks the
+        shardings of uncommitted outputs).
+        """
+        pinned = [p for p in (*self.in_placements, *self.out_placements) if p is not None]
+        if not pinned:
+            return None
+        named = next((p for p in pinned if isinstance(p, NamedSharding)), None)
+        if named is not None:
+            return NamedSharding(named.mesh, PartitionSpec())
+        return pinned[0] if isinstance(pinned[0], SingleDeviceSharding) else None
+
+    def _place_constants(self) -> None:
+        """Put predicted values where the graph reads them once, not on every dispatch."""
+        replicated = self.mesh_sharding()
+        if replicated is None:
+            return
+        for i, value in self.constants.items():
+            if self.in_placements[i] is None:
+                self.in_placements[i] = replicated
+                self.constants[i] = jax.device_put(value, replicated)
 
     @property
     def signature(self) -> tuple:
@@ -158,8 +188,9 @@ def _wire_inputs_and_outputs(root: GraphNode, segment_of: dict) -> None:
         if key not in seen:
             seen.add(key)
             seg.outputs.append(key)
+            seg.out_placements.append(producer.op.out_placement(key[1]))
 
-    def take(seg: Segment, inp: tuple, aval, feed_of: GraphNode | None = None) -> None:
+    def take(seg: Segment, inp: tuple, aval, placement, feed_of: GraphNode | None = None) -> None:
         seen = inputs_seen.setdefault(id(seg), set())
         if inp not in seen:
             seen.add(inp)
@@ -167,13 +198,14 @@ def _wire_inputs_and_outputs(root: GraphNode, segment_of: dict) -> None:
                 seg.constants[len(seg.inputs)] = device_constant(feed_of.feed_values[inp[2]], aval)
             seg.inputs.append(inp)
             seg.in_avals.append(aval)
+            seg.in_placements.append(placement)
 
     def take_feed(seg: Segment, fed: GraphNode, k: int) -> None:
-        aval = fed.op.inputs[k][1]
+        aval, placement = fed.op.inputs[k][1], fed.op.placement(k)
         if fed.predicted(k):
-            take(seg, (CONST, fed.pos, k), aval, fed)
+            take(seg, (CONST, fed.pos, k), aval, placement, fed)
         else:
-            take(seg, (LIVE, fed.pos, k), aval)
+            take(seg, (LIVE, fed.pos, k), aval, placement)
 
     while stack:
         node, depth = stack.pop()
@@ -185,11 +217,11 @@ def _wire_inputs_and_outputs(root: GraphNode, segment_of: dict) -> None:
                 producer = path[a]
                 need(producer, (a, b), seg)
                 if seg is not None and segment_of.get(producer) is not seg:
-                    take(seg, (ENV, a, b), producer.op.out_avals[b])
+                    take(seg, (ENV, a, b), producer.op.out_avals[b], producer.op.out_placement(b))
             elif seg is None:
                 continue
             elif kind == ARG:
-                take(seg, (ARG_IN, a, None), b)
+                take(seg, (ARG_IN, a, None), b, node.op.placement(k))
             elif kind == FEED_REF:
                 take_feed(seg, path[a], b)
             else:
@@ -236,10 +268,33 @@ def segment_function(seg: Segment) -> Callable:
 
 
 def compile_segment(seg: Segment) -> Any:
-    """Lower and compile one segment (runs in the compile thread)."""
-    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))
-             for a in seg.in_avals]
-    return jax.jit(segment_function(seg), keep_unused=True).lower(*specs).compile()
+    """Lower and compile one segment (runs in the compile thread).
+
+    Committed inputs and outputs keep eager's shardings (so sharded values stay
+    sharded across segments and steps, and results live where eager's do).
+    Outputs eager left uncommitted are computed replicated and handed back, like
+    eager's, as movable arrays on the default device.
+    """
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False),
+                                  sharding=p)
+             for a, p in zip(seg.in_avals, seg.in_placements)]
+    replicated = seg.mesh_sharding()
+    if replicated is None:  # as on one device: eager's uncommitted values, compiled as they are
+        return jax.jit(segment_function(seg), keep_unused=True).lower(*specs).compile()
+    out_shardings = [replicated if p is None else p for p in seg.out_placements]
+    compiled = jax.jit(segment_function(seg), keep_unused=True,
+                       out_shardings=out_shardings).lower(*specs).compile()
+    movable = [i for i, p in enumerate(seg.out_placements) if p is None]
+    if not movable:
+        return compiled
+
+    def run(*xs):
+        outs = compiled(*xs)
+        for i in movable:
+            outs[i] = uncommitted(outs[i])
+        return outs
+
+    return run
 
 
 def device_constant(value: Any, aval) -> Any:

@@ -16,8 +16,9 @@ from typing import Any, Callable, Protocol
 
 import jax
 import numpy as np
-from jax._src import api_util, core, literals
+from jax._src import api_util, array, core, literals
 from jax._src import linear_util as lu
+from jax._src.interpreters import pxla
 from jax._src.interpreters import partial_eval as pe
 from jax._src.lax import lax as lax_internal
 
@@ -403,6 +404,38 @@ def install_autodiff_hooks() -> None:
 
 
 aval_of: Callable[[Any], AbstractValue] = core.typeof
+
+
+# -- placements: where eager JAX keeps a value ---------------------------------
+# Eager JAX moves an *uncommitted* array (made without naming a device), a
+# numpy array or a Python number to wherever an op needs it; a *committed*
+# array (device_put to a device or sharding, or computed from one) stays where
+# it is, and so do the results of ops on it. So a committed array's sharding is
+# part of an op key, and an uncommitted value's place is not.
+
+def placement_of(x: Any) -> Any:
+    """The sharding of a committed array; None for values eager JAX may move."""
+    if type(x) is Placeholder:
+        x = x.value()
+    if isinstance(x, core.Tracer) or not isinstance(x, jax.Array) or not x.committed:
+        return None
+    return x.sharding
+
+
+def uncommitted(x: Any) -> Any:
+    """A replicated array as eager keeps an uncommitted result: on the default device.
+
+    Reuses the replica already on that device (no copy, never waits for XLA).
+    """
+    device = pxla.get_default_device()
+    local = None
+    if x.is_fully_replicated:
+        local = next((a for a in x._arrays if device in a.devices()), None)
+    if local is None:
+        local = jax.device_put(x, device)
+    aval = core.ShapedArray(x.shape, x.dtype, weak_type=x.aval.weak_type)  # no mesh in it
+    return array.ArrayImpl(aval, jax.sharding.SingleDeviceSharding(device), [local],
+                           committed=False)
 
 
 def has_host_effect(prim: Primitive, params: dict) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from terra.intercept import Primitive, is_jaxpr, jaxprs_equal
+from terra.intercept import Primitive, is_jaxpr, jaxprs_equal, placement_of
 
 # Input kinds: (NODE, pos, out) | (ARG, leaf_index, aval) | (FEED, aval, None or DATA)
 #   | (FEED_REF, pos, slot): the value fed to op `pos` input `slot` (gradient ops
@@ -43,6 +43,11 @@ class Op:
     where: str               # user source location, for diagnostics
     host_effect: bool        # must run in Python at its place (prints, callbacks)
     feed_slots: tuple = ()   # indices of inputs that are feeds
+    # Shardings of committed arrays (see intercept.placement_of), one per input
+    # (None for NODE inputs: their producer decides) and one per output; () when
+    # all are None, as on a single device.
+    placements: tuple = ()
+    out_placements: tuple = ()
 
     @property
     def label(self) -> str:
@@ -51,9 +56,23 @@ class Op:
         return f"{self.prim.name}:{name}" if isinstance(name, str) else self.prim.name
 
     def same_as(self, other: "Op") -> bool:
-        """Op-key equality: primitive, params, input origins and avals."""
+        """Op-key equality: primitive, params, input origins, avals and placements."""
         return (self.prim is other.prim and self.inputs == other.inputs
+                and self.placements == other.placements
                 and params_equal(self.params, other.params))
+
+    def placement(self, k: int) -> Any:
+        """Placement of input `k` (None: uncommitted, or produced by another op)."""
+        return self.placements[k] if self.placements else None
+
+    def out_placement(self, o: int) -> Any:
+        return self.out_placements[o] if self.out_placements else None
+
+
+def placements(values) -> tuple:
+    """Op.placements / out_placements of `values`: () unless some value is committed."""
+    found = tuple(placement_of(v) for v in values)
+    return found if any(p is not None for p in found) else ()
 
 
 def params_equal(a: dict, b: dict) -> bool:
