@@ -106,7 +106,7 @@ class StreamSink(telemetry_pb2_grpc.TelemetryServicer):
 
     def close(self) -> None:
         self._closed.set()
-        self._server.stop(grace=1).wait(2)
+        self._server.stop(None).wait(2)  # no grace: no helper thread outlives us
 
     # -- the service -------------------------------------------------------------
     def Subscribe(self, request, context) -> Iterator[telemetry_pb2.Event]:
