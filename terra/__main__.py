@@ -2,6 +2,7 @@
 
 Runs an unmodified script as `__main__`, with each named module-level function
 wrapped by `terra.function` right where the script defines it.
+`python -m terra serve` runs the graph executor service (runtime/server.py).
 """
 from __future__ import annotations
 
@@ -85,10 +86,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     sub.add_parser("bench", add_help=False,
                    help="eager vs jax.jit vs terra on the example programs (see --help)")
+    sub.add_parser("serve", add_help=False,
+                   help="run the graph executor service for TERRA_EXECUTOR=grpc://... (see --help)")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         from terra import bench
         raise SystemExit(bench.main(argv[1:]))
+    if argv[:1] == ["serve"]:
+        from runtime import server
+        raise SystemExit(server.main(argv[1:]))
     ns = parser.parse_args(argv)
     if ns.command == "run":
         if not os.path.isfile(ns.script):

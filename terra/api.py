@@ -25,7 +25,7 @@ from typing import Any, Callable, TypeVar
 
 import jax
 
-from runtime.executor import GraphExecutor, default_executor, wait
+from runtime.executor import GraphExecutor, TerraExecutorError, select_executor, wait
 from terra.coexec import COEXEC, TRACING, StepRun, TerraInternalError, TerraWarning
 from terra import generate
 from terra.generate import Program, build_program
@@ -47,13 +47,13 @@ class StepFunction:
     """A step function run by Terra. Call it exactly like the wrapped function."""
 
     def __init__(self, fn: Callable, *, max_graphs: int = 8, strict: bool | None = None,
-                 executor: GraphExecutor | None = None):
+                 executor: GraphExecutor | str | None = None):
         functools.update_wrapper(self, fn)
         self._fn = fn
         self._max_graphs = max_graphs
         self._strict = _env_flag("TERRA_STRICT") if strict is None else strict
         self._sync_compile = _env_flag("TERRA_SYNC_COMPILE")
-        self._executor = executor or default_executor()
+        self._executor = select_executor(executor)
         self._graph = TraceGraph()
         self._stats = Stats()
         self._program: Program | None = None
@@ -127,14 +127,14 @@ class StepFunction:
                           f"{self._stats.last_divergence or 'new paths while tracing'}")
             return
         program = build_program(self._graph)
-        cache, stats = self._executables, self._stats
+        cache, stats, executor = self._executables, self._stats, self._executor
 
         def compile_program():
             compiled = 0
             for seg in program.segments:
                 exe = cache.get(seg.signature)
                 if exe is None:
-                    exe = cache[seg.signature] = generate.compile_segment(seg)
+                    exe = cache[seg.signature] = generate.compile_segment(seg, executor)
                     compiled += 1
                 seg.executable = exe
             return program, compiled
@@ -162,6 +162,8 @@ class StepFunction:
             del self._executables[sig]
 
     def _internal_failure(self, err: Exception, doing: str) -> None:
+        if isinstance(err, TerraExecutorError):
+            raise err  # the executor is gone: not Terra's failure, and not recoverable here
         self._stats.internal_errors += 1
         if self._strict:
             raise TerraInternalError(f"terra failed while {doing}: {err!r}") from err
@@ -174,7 +176,8 @@ class StepFunction:
                           TerraWarning, stacklevel=4)
 
 
-def function(fn: F | None = None, *, max_graphs: int = 8, strict: bool | None = None) -> F:
+def function(fn: F | None = None, *, max_graphs: int = 8, strict: bool | None = None,
+             executor: GraphExecutor | str | None = None) -> F:
     """Run `fn` with imperative-symbolic co-execution. Use as `@terra.function`.
 
     Args:
@@ -183,6 +186,11 @@ def function(fn: F | None = None, *, max_graphs: int = 8, strict: bool | None = 
             shape changes) before the function stays eager, with a warning.
         strict: raise `TerraInternalError` on Terra's own failures instead of
             falling back to eager (default: the TERRA_STRICT environment variable).
+        executor: where the graph runs: "grpc://host:port" for a
+            `python -m terra serve` process, or an executor object (default:
+            the TERRA_EXECUTOR environment variable, else the in-process
+            executor thread). Raises `terra.TerraExecutorError` if it cannot
+            be reached.
 
     Example:
         >>> import jax.numpy as jnp, terra
@@ -196,5 +204,6 @@ def function(fn: F | None = None, *, max_graphs: int = 8, strict: bool | None = 
         5
     """
     if fn is None:
-        return functools.partial(function, max_graphs=max_graphs, strict=strict)  # type: ignore
-    return StepFunction(fn, max_graphs=max_graphs, strict=strict)  # type: ignore
+        return functools.partial(function, max_graphs=max_graphs, strict=strict,  # type: ignore
+                                 executor=executor)
+    return StepFunction(fn, max_graphs=max_graphs, strict=strict, executor=executor)  # type: ignore

@@ -234,11 +234,11 @@ def segment_function(seg: Segment) -> Callable:
     return run
 
 
-def compile_segment(seg: Segment) -> Any:
-    """Lower and compile one segment (runs in the compile thread)."""
+def compile_segment(seg: Segment, executor) -> Any:
+    """Compile one segment for `executor` (runs in the compile thread)."""
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))
              for a in seg.in_avals]
-    return jax.jit(segment_function(seg), keep_unused=True).lower(*specs).compile()
+    return executor.compile_function(segment_function(seg), specs)
 
 
 def device_constant(value: Any, aval) -> Any:

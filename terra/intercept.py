@@ -21,6 +21,8 @@ from jax._src import linear_util as lu
 from jax._src.interpreters import partial_eval as pe
 from jax._src.lax import lax as lax_internal
 
+from runtime.executor import local_value
+
 Primitive = core.Primitive
 AbstractValue = core.AbstractValue
 Tracer = core.Tracer
@@ -142,7 +144,7 @@ class Placeholder(core.Tracer):
     # Escaped placeholders used by eager JAX outside the step: EvalTrace and
     # jit call this before their escaped-tracer check.
     def full_lower(self):
-        return self.value()
+        return local_value(self.value())
 
     # -- conversions Python uses on a value (each one is a fetch) ------------
     # A value being differentiated behaves as eager's GradTracer does: bool,
