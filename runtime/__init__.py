@@ -6,9 +6,8 @@ traces or placeholders, only about jobs that compile or dispatch a segment.
 `runtime.client` the executor that talks to it.
 """
 from runtime.executor import (
-    GraphExecutor, RemoteValue, TerraExecutorError, default_executor, local_value, select_executor,
-    wait,
+    GraphExecutor, RemoteValue, TerraExecutorError, default_executor, select_executor, wait,
 )
 
 __all__ = ["GraphExecutor", "RemoteValue", "TerraExecutorError", "default_executor",
-           "local_value", "select_executor", "wait"]
+           "select_executor", "wait"]

@@ -39,20 +39,25 @@ import numpy as np
 
 from runtime._proto import executor_pb2 as pb
 from runtime._proto import executor_pb2_grpc as pb_grpc
-from runtime.executor import RemoteValue, TerraExecutorError, local_value, wait
+from runtime.executor import RemoteValue, TerraExecutorError, wait
 from runtime.tensors import from_tensor, to_tensor
 
 CONNECT_TIMEOUT_S = 5.0
-# A server that stops answering is declared dead after keepalive time + timeout.
-_KEEPALIVE_MS = int(os.environ.get("TERRA_EXECUTOR_KEEPALIVE_MS", "5000"))
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", -1),   # the server's limit is the one that counts
-    ("grpc.max_send_message_length", -1),
-    ("grpc.keepalive_time_ms", _KEEPALIVE_MS),
-    ("grpc.keepalive_timeout_ms", _KEEPALIVE_MS),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
+KEEPALIVE_MS = 5000
+
+
+def _channel_options() -> list:
+    # A server that stops answering (hung, or its host gone) is declared dead
+    # after two keepalive periods; TERRA_EXECUTOR_KEEPALIVE_MS tunes the period.
+    keepalive = int(os.environ.get("TERRA_EXECUTOR_KEEPALIVE_MS", KEEPALIVE_MS))
+    return [("grpc.max_receive_message_length", -1),  # the server's limit is the one that counts
+            ("grpc.max_send_message_length", -1),
+            ("grpc.keepalive_time_ms", keepalive),
+            ("grpc.keepalive_timeout_ms", keepalive),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.ping_timeout_ms", keepalive),
+            ("grpc.http2.max_pings_without_data", 0)]
+
 _END = object()  # ends the request stream
 
 
@@ -150,7 +155,7 @@ class Session:
             future.set_exception(error)
 
     # -- what the executor needs -------------------------------------------------
-    def fetch(self, handle: int) -> np.ndarray:
+    def fetch(self, handle: int) -> np.ndarray | jax.Array:
         reply = wait(self.ask(pb.Request(fetch=pb.Fetch(handle=handle))))
         return from_tensor(reply.tensor)
 
@@ -161,7 +166,8 @@ class Session:
         """How a segment input travels: a handle if the server has it, else inline."""
         if isinstance(value, Handle) and value._session is self:
             return pb.Argument(handle=value.id)
-        value = local_value(value)
+        if isinstance(value, RemoteValue):  # held by another executor: goes through here
+            value = value.local()
         if isinstance(value, jax.Array):
             return pb.Argument(handle=self._uploaded(value).id)
         return pb.Argument(tensor=to_tensor(np.asarray(value, dtype=aval.dtype)))
@@ -173,7 +179,7 @@ class Session:
         if handle is None:
             handle = self._uploads[key] = Handle(self, jax.typeof(array))
             weakref.finalize(array, self._uploads.pop, key, None)
-            self.send(pb.Request(put=pb.Put(handle=handle.id, tensor=to_tensor(np.asarray(array)))))
+            self.send(pb.Request(put=pb.Put(handle=handle.id, tensor=to_tensor(array))))
         return handle
 
 
@@ -211,9 +217,9 @@ class RemoteExecutor:
         target = address.split("://", 1)[-1]
         if tls:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self._channel = grpc.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+            self._channel = grpc.secure_channel(target, credentials, options=_channel_options())
         else:
-            self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+            self._channel = grpc.insecure_channel(target, options=_channel_options())
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         try:
             self.platform = self.status(timeout=connect_timeout).platform
@@ -252,8 +258,10 @@ class RemoteExecutor:
         self._channel.close()
 
 
-def _local_array(array: np.ndarray, aval) -> jax.Array:
+def _local_array(array: np.ndarray | jax.Array, aval) -> jax.Array:
     """A fetched array as the jax.Array the graph produced, weak type included."""
+    if isinstance(array, jax.Array):  # typed PRNG keys arrive as jax.Arrays
+        return array
     if not aval.weak_type:
         return jax.device_put(array)
     return _weak_identity(array.shape, array.dtype)(array)

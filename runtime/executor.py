@@ -11,8 +11,8 @@ Every executor offers the same seam: `compile_function(fn, specs)` turns a
 segment's flat function into something callable with the segment's inputs,
 `dispatch(job)` runs a job that calls it, `compile(job)` runs a compilation
 off the Python thread. What the callable returns is either a jax.Array or a
-`RemoteValue` (held by an executor in another process, see runtime/client.py);
-`local_value` turns either into a jax.Array.
+`RemoteValue` (held by an executor in another process, see runtime/client.py)
+whose `local()` downloads it.
 """
 from __future__ import annotations
 
@@ -67,18 +67,16 @@ class TerraExecutorError(RuntimeError):
 
 
 class RemoteValue(abc.ABC):
-    """An array held by an executor in another process, named by a handle."""
+    """An array held by an executor in another process, named by a handle.
+
+    Like executor jobs, `local()` must run with no JAX trace installed.
+    """
 
     __slots__ = ()
 
     @abc.abstractmethod
     def local(self) -> jax.Array:
         """The array here, in this process (downloaded once, then cached)."""
-
-
-def local_value(value: Any) -> Any:
-    """`value` as a local array: a `RemoteValue` is downloaded, anything else kept."""
-    return value.local() if isinstance(value, RemoteValue) else value
 
 
 def wait(future: Future) -> Any:

@@ -123,8 +123,9 @@ class Session:
 class ExecutorService(pb_grpc.ExecutorServicer):
     """Serves sessions; compiled functions are shared by content hash."""
 
-    def __init__(self, platform: str):
+    def __init__(self, platform: str, max_message_bytes: int):
         self.platform = platform
+        self.max_message_bytes = max_message_bytes
         self._lock = threading.Lock()
         self._compiled: weakref.WeakValueDictionary[str, Executable] = weakref.WeakValueDictionary()
         self._sessions: set[Session] = set()
@@ -143,11 +144,13 @@ class ExecutorService(pb_grpc.ExecutorServicer):
                 reply = self._handle(session, request)
                 if reply is not None:
                     yield reply
+            if not context.is_active():  # not the client's end of stream: gRPC ended it
+                self._log_broken_stream(session)
         except RequestError as err:
             log.warning("%s: %s: %s", session, err.code.name, err)
             context.abort(err.code, str(err))
-        except grpc.RpcError:  # reading the next request: the client went away
-            log.info("%s: the client disconnected", session)
+        except grpc.RpcError:  # gRPC ended the stream while we waited for a request
+            self._log_broken_stream(session)
         except Exception as err:  # XLA or JAX failed on a well-formed request
             log.exception("%s: request failed", session)
             context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
@@ -156,6 +159,12 @@ class ExecutorService(pb_grpc.ExecutorServicer):
                 self._sessions.discard(session)
             log.info("%s closed: %d handles freed", session, len(session.handles))
             session.handles.clear()
+
+    def _log_broken_stream(self, session: Session) -> None:
+        # gRPC does not tell which; an oversized message got RESOURCE_EXHAUSTED.
+        log.warning("%s: stream ended by gRPC: the client disconnected, or sent a message "
+                    "over the %d MiB limit (RESOURCE_EXHAUSTED)", session,
+                    self.max_message_bytes >> 20)
 
     def _handle(self, session: Session, request: pb.Request) -> pb.Reply | None:
         kind = request.WhichOneof("kind")
@@ -216,9 +225,9 @@ class ExecutorService(pb_grpc.ExecutorServicer):
         return value
 
     def _fetch(self, session: Session, request: pb.Request) -> pb.Reply:
-        value = np.asarray(session.array(request.fetch.handle))  # waits until computed
+        tensor = to_tensor(session.array(request.fetch.handle))  # waits until computed
         self._count("fetches")
-        return pb.Reply(id=request.id, tensor=to_tensor(value))
+        return pb.Reply(id=request.id, tensor=tensor)
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -232,7 +241,7 @@ class ExecutorService(pb_grpc.ExecutorServicer):
                                    executables=len(self._compiled), **self._counts)
 
 
-def _array(tensor: pb.Tensor, what: str) -> np.ndarray:
+def _array(tensor: pb.Tensor, what: str) -> np.ndarray | jax.Array:
     try:
         return from_tensor(tensor)
     except MalformedTensor as err:
@@ -318,8 +327,8 @@ def start_server(host: str = "127.0.0.1", port: int = 0, *, token: str | None = 
                          interceptors=[TokenCheck(token)] if token else [],
                          options=options,
                          maximum_concurrent_rpcs=MAX_SESSIONS + _SPARE_THREADS)
-    pb_grpc.add_ExecutorServicer_to_server(ExecutorService(jax.export.default_export_platform()),
-                                           server)
+    service = ExecutorService(jax.export.default_export_platform(), max_message_bytes)
+    pb_grpc.add_ExecutorServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from runtime.executor import RemoteValue, TerraExecutorError, local_value, wait
+from runtime.executor import RemoteValue, TerraExecutorError, wait
 from terra.autodiff import GRAD, GradSpec, apply_gradient_op, external_inputs
 from terra.generate import ARG_IN, ENV, LIVE, Program, Segment
 from terra.intercept import (
     GradCall, Placeholder, TerraTrace, aval_of, check_gradient_output, copy_value, eager,
-    eval_primitive, frozen_copy, has_host_effect, user_location,
+    eval_primitive, frozen_copy, has_host_effect, local_value, user_location,
 )
 from terra.trace import (
     ARG, DATA, FEED, FEED_REF, NODE, GraphNode, Op, Recording, feed_token, params_equal, tokens_equal,
@@ -205,7 +205,8 @@ class StepRun:
             for key, v in zip(seg.outputs, outs):
                 env[key] = v
 
-        self.futures[id(seg)] = self.owner._executor.dispatch(job)
+        with eager():  # an executor may run the job right here: not under the step's trace
+            self.futures[id(seg)] = self.owner._executor.dispatch(job)
         self.stats.segments_dispatched += 1
 
     def _diverge(self, reason: str) -> None:

@@ -21,7 +21,7 @@ from jax._src import linear_util as lu
 from jax._src.interpreters import partial_eval as pe
 from jax._src.lax import lax as lax_internal
 
-from runtime.executor import local_value
+from runtime import executor
 
 Primitive = core.Primitive
 AbstractValue = core.AbstractValue
@@ -269,6 +269,18 @@ def eval_primitive(prim: Primitive, args: Any, params: dict) -> Any:
 def eager():
     """Context manager: JAX ops inside run eagerly, below any Terra trace."""
     return core.take_current_trace()
+
+
+def local_value(value: Any) -> Any:
+    """`value` as a local array: one held by a remote executor is downloaded.
+
+    The download builds a jax.Array, which must not be intercepted by the
+    step's trace: it runs eagerly, as the executor's own threads would.
+    """
+    if isinstance(value, executor.RemoteValue):
+        with core.take_current_trace():
+            return value.local()
+    return value
 
 
 def frozen_copy(value: Any) -> Any:
