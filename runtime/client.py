@@ -22,7 +22,6 @@ the PEM file TERRA_EXECUTOR_TLS_CA names.
 """
 from __future__ import annotations
 
-import hashlib
 import atexit
 import collections
 import itertools

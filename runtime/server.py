@@ -87,7 +87,7 @@ class Executable:
         self.run = jax.jit(exported.call).lower(*specs).compile()
 
 
-class Session:
+class ClientSession:
     """One client stream: its handles and loaded functions, private to it."""
 
     def __init__(self, number: int, peer: str):
@@ -128,13 +128,13 @@ class ExecutorService(pb_grpc.ExecutorServicer):
         self.max_message_bytes = max_message_bytes
         self._lock = threading.Lock()
         self._compiled: weakref.WeakValueDictionary[str, Executable] = weakref.WeakValueDictionary()
-        self._sessions: set[Session] = set()
+        self._sessions: set[ClientSession] = set()
         self._numbers = itertools.count(1)
         self._counts = dict(executes=0, fetches=0, puts=0, sessions_total=0)
 
     # -- the stream ----------------------------------------------------------
     def Session(self, requests: Iterator[pb.Request], context) -> Iterator[pb.Reply]:
-        session = Session(next(self._numbers), context.peer())
+        session = ClientSession(next(self._numbers), context.peer())
         with self._lock:
             self._sessions.add(session)
             self._counts["sessions_total"] += 1
@@ -160,13 +160,13 @@ class ExecutorService(pb_grpc.ExecutorServicer):
             log.info("%s closed: %d handles freed", session, len(session.handles))
             session.handles.clear()
 
-    def _log_broken_stream(self, session: Session) -> None:
+    def _log_broken_stream(self, session: ClientSession) -> None:
         # gRPC does not tell which; an oversized message got RESOURCE_EXHAUSTED.
         log.warning("%s: stream ended by gRPC: the client disconnected, or sent a message "
                     "over the %d MiB limit (RESOURCE_EXHAUSTED)", session,
                     self.max_message_bytes >> 20)
 
-    def _handle(self, session: Session, request: pb.Request) -> pb.Reply | None:
+    def _handle(self, session: ClientSession, request: pb.Request) -> pb.Reply | None:
         kind = request.WhichOneof("kind")
         if kind is None:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "empty request: set one of "
@@ -175,7 +175,7 @@ class ExecutorService(pb_grpc.ExecutorServicer):
         session.release(request.release)
         return reply
 
-    def _load(self, session: Session, request: pb.Request) -> pb.Reply:
+    def _load(self, session: ClientSession, request: pb.Request) -> pb.Reply:
         blob = request.load.exported
         key = hashlib.sha256(blob).hexdigest()
         with self._lock:
@@ -187,11 +187,11 @@ class ExecutorService(pb_grpc.ExecutorServicer):
         session.executables[key] = executable
         return pb.Reply(id=request.id, loaded=pb.Loaded(executable=key))
 
-    def _put(self, session: Session, request: pb.Request) -> None:
+    def _put(self, session: ClientSession, request: pb.Request) -> None:
         session.store(request.put.handle, jax.device_put(_array(request.put.tensor, "Put")))
         self._count("puts")
 
-    def _execute(self, session: Session, request: pb.Request) -> None:
+    def _execute(self, session: ClientSession, request: pb.Request) -> None:
         call = request.execute
         executable = session.executables.get(call.executable)
         if executable is None:
@@ -209,7 +209,7 @@ class ExecutorService(pb_grpc.ExecutorServicer):
         self._count("executes")
 
     @staticmethod
-    def _argument(session: Session, arg: pb.Argument, aval, index: int):
+    def _argument(session: ClientSession, arg: pb.Argument, aval, index: int):
         if arg.WhichOneof("value") == "handle":
             value = session.array(arg.handle)
             index = f"{index} (handle {arg.handle})"
@@ -224,7 +224,7 @@ class ExecutorService(pb_grpc.ExecutorServicer):
                                f"the function takes {aval.dtype}{list(aval.shape)}")
         return value
 
-    def _fetch(self, session: Session, request: pb.Request) -> pb.Reply:
+    def _fetch(self, session: ClientSession, request: pb.Request) -> pb.Reply:
         tensor = to_tensor(session.array(request.fetch.handle))  # waits until computed
         self._count("fetches")
         return pb.Reply(id=request.id, tensor=tensor)
