@@ -21,11 +21,20 @@ import atexit
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 
 _TIMEOUT_POLL_S = 0.1  # how often a waiting Python thread checks for Ctrl-C
+
+
+class Executor(Protocol):
+    """What co-execution needs from an executor (GraphExecutor, client.RemoteExecutor)."""
+
+    def compile_function(self, fn: Callable, specs: Sequence[jax.ShapeDtypeStruct]) -> Callable: ...
+    def dispatch(self, job: Callable[[], Any]) -> Future: ...
+    def compile(self, job: Callable[[], Any]) -> Future: ...
+    def shutdown(self) -> None: ...
 
 
 class GraphExecutor:
@@ -102,7 +111,7 @@ def default_executor() -> GraphExecutor:
         return _default
 
 
-def select_executor(spec: Any = None) -> Any:
+def select_executor(spec: Executor | str | None = None) -> Executor:
     """The executor `spec` names; None means the TERRA_EXECUTOR environment variable.
 
     `spec` is an executor object, "" for the in-process executor thread, or

@@ -25,7 +25,7 @@ from typing import Any, Callable, TypeVar
 
 import jax
 
-from runtime.executor import GraphExecutor, TerraExecutorError, select_executor, wait
+from runtime.executor import Executor, TerraExecutorError, select_executor, wait
 from terra.coexec import COEXEC, TRACING, StepRun, TerraInternalError, TerraWarning
 from terra import generate
 from terra.generate import Program, build_program
@@ -47,7 +47,7 @@ class StepFunction:
     """A step function run by Terra. Call it exactly like the wrapped function."""
 
     def __init__(self, fn: Callable, *, max_graphs: int = 8, strict: bool | None = None,
-                 executor: GraphExecutor | str | None = None):
+                 executor: Executor | str | None = None):
         functools.update_wrapper(self, fn)
         self._fn = fn
         self._max_graphs = max_graphs
@@ -177,7 +177,7 @@ class StepFunction:
 
 
 def function(fn: F | None = None, *, max_graphs: int = 8, strict: bool | None = None,
-             executor: GraphExecutor | str | None = None) -> F:
+             executor: Executor | str | None = None) -> F:
     """Run `fn` with imperative-symbolic co-execution. Use as `@terra.function`.
 
     Args:

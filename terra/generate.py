@@ -25,6 +25,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from runtime.executor import Executor
 from terra.autodiff import GRAD, apply_gradient_op
 from terra.intercept import bind_op
 from terra.trace import ARG, FEED_REF, NODE, GraphNode, TraceGraph, ValueKey
@@ -234,7 +235,7 @@ def segment_function(seg: Segment) -> Callable:
     return run
 
 
-def compile_segment(seg: Segment, executor) -> Any:
+def compile_segment(seg: Segment, executor: Executor) -> Any:
     """Compile one segment for `executor` (runs in the compile thread)."""
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))
              for a in seg.in_avals]

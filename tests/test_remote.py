@@ -85,13 +85,13 @@ def mlp_loop(step, steps, losses):
 
 def test_mlp_training_equals_eager_and_state_stays_in_the_server(server):
     eager_losses, losses = [], []
-    eager_params, _ = mlp_loop(MLP.train_step, 14, eager_losses)
+    eager_params, _ = mlp_loop(MLP.train_step, 10, eager_losses)
 
     step = terra.function(MLP.train_step, executor=server.address)
     data = MLP.make_dataset(0)
     params = MLP.init_params(0)
     opt_state = MLP.optimizer.init(params)
-    for i in range(14):
+    for i in range(10):
         if i == 4:  # co-executing by now: measure the steady state from here
             gc.collect()
             before, dispatched = status(server), step.stats().segments_dispatched
@@ -103,14 +103,14 @@ def test_mlp_training_equals_eager_and_state_stays_in_the_server(server):
     np.testing.assert_allclose(losses, eager_losses, rtol=harness.RTOL, atol=harness.ATOL)
     harness.assert_same_tree(eager_params, params)
     stats = step.stats()
-    assert stats.coexecuted >= 11 and stats.fallbacks == 0, stats
+    assert stats.coexecuted >= 7 and stats.fallbacks == 0, stats
     # Every dispatched segment ran in the server ...
     assert after.executes - before.executes == stats.segments_dispatched - dispatched > 0
-    # ... fetches were exactly the 10 losses Python asked for, parameters and
+    # ... fetches were exactly the 6 losses Python asked for, parameters and
     # optimizer state were never uploaded again (batches travel inline) ...
-    assert after.fetches - before.fetches == 10
+    assert after.fetches - before.fetches == 6
     assert after.puts == before.puts
-    # ... and the server holds no more arrays than it did 10 steps earlier.
+    # ... and the server holds no more arrays than it did 6 steps earlier.
     assert after.handles <= before.handles
 
 
@@ -153,7 +153,6 @@ def test_returned_values_behave_like_arrays_outside_the_step(server, monkeypatch
     "test_exceptions_raised_and_caught_inside_step",
     "test_value_conversions[np_asarray]",
     "test_pickle_returned_and_escaped_values",
-    "test_prng_keys_carried_across_steps[typed_key]",
 ])
 def test_feature_programs_through_the_server(case, server, monkeypatch):
     """Differential tests of test_features.py, with the graph in the server."""
@@ -163,6 +162,25 @@ def test_feature_programs_through_the_server(case, server, monkeypatch):
     before = status(server)
     test(param[:-1]) if param else test()
     assert status(server).executes > before.executes
+
+
+def test_typed_prng_keys_travel_and_stay_in_the_server(server, monkeypatch):
+    def program(wrap, steps):
+        @wrap
+        def step(key, w):
+            key, sub = jax.random.split(key)
+            return key, w + 0.1 * jax.random.normal(sub, w.shape)
+
+        key, w, seen = jax.random.key(3), jnp.zeros(4), []
+        for _ in range(steps):
+            key, w = step(key, w)
+            seen.append(float(w.sum()))
+        return (jax.random.key_data(key), w), (seen, str(key.dtype))
+
+    before = status(server)
+    monkeypatch.setenv("TERRA_EXECUTOR", server.address)
+    res = harness.differential(program, steps=8, min_coexecuted=5)
+    assert status(server).executes - before.executes == res.stats.segments_dispatched > 0
 
 
 def test_cli_script_selects_the_server_with_the_environment(server):
