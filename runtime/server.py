@@ -285,6 +285,11 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
                 response_serializer=handler.response_serializer)
 
 
+def host_port(host: str, port: int) -> str:
+    """"host:port", with an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -336,7 +341,7 @@ def start_server(host: str = "127.0.0.1", port: int = 0, *, token: str | None = 
     reflection.enable_server_reflection(
         (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    address = host_port(host, port)
     if tls is None:
         bound = server.add_insecure_port(address)
     else:
@@ -379,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("serving on %s without %s: anyone who can reach it can run graphs",
                     ns.host, " and ".join(w for w, on in (("a token", token), ("TLS", tls)) if not on))
     scheme = "grpcs" if tls else "grpc"
-    print(f"terra executor serving on {scheme}://{ns.host}:{port} "
+    print(f"terra executor serving on {scheme}://{host_port(ns.host, port)} "
           f"(platform {jax.export.default_export_platform()}, "
           f"token {'required' if token else 'off'})", flush=True)
     try:
