@@ -136,8 +136,14 @@ class ExecutorService(pb_grpc.ExecutorServicer):
     def Session(self, requests: Iterator[pb.Request], context) -> Iterator[pb.Reply]:
         session = ClientSession(next(self._numbers), context.peer())
         with self._lock:
-            self._sessions.add(session)
-            self._counts["sessions_total"] += 1
+            full = len(self._sessions) >= MAX_SESSIONS
+            if not full:
+                self._sessions.add(session)
+                self._counts["sessions_total"] += 1
+        if full:  # keep threads for health checks and the sessions already open
+            log.warning("%s refused: %d sessions are open", session, MAX_SESSIONS)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the executor serves at most {MAX_SESSIONS} sessions at once")
         log.info("%s opened", session)
         try:
             for request in requests:

@@ -29,7 +29,7 @@ import terra
 import test_features
 from runtime._proto import executor_pb2 as pb
 from runtime._proto import executor_pb2_grpc as pb_grpc
-from runtime.server import ServerProcess
+from runtime.server import MAX_SESSIONS, ServerProcess
 from runtime.tensors import to_tensor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,6 +259,33 @@ def test_a_client_that_disconnects_has_its_buffers_freed(server):
     while status(server).handles != base and time.monotonic() < deadline:
         time.sleep(0.05)
     assert status(server).handles == base
+
+
+def test_session_limit_keeps_health_checks_answering(server):
+    channel = grpc.insecure_channel(server.address.split("://")[1])
+    stub, queues, calls = pb_grpc.ExecutorStub(channel), [], []
+    try:
+        for i in range(MAX_SESSIONS - status(server).sessions):
+            q = queue.SimpleQueue()
+            call = stub.Session(iter(q.get, None), timeout=30)
+            q.put(put(1, np.ones(1)))
+            q.put(fetch(1))
+            next(call)                               # the session is open
+            queues.append(q)
+            calls.append(call)
+        _, err = raw_session(server, [fetch(1)])
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"at most {MAX_SESSIONS} sessions" in err.details()
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                          timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        for q, call in zip(queues, calls):
+            q.put(None)
+            list(call)
+        channel.close()
+    _, err = raw_session(server, [put(1, np.ones(1)), fetch(1)])  # room again
+    assert err is None
 
 
 # -- faults and bad input ------------------------------------------------------------
