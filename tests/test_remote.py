@@ -349,6 +349,7 @@ def test_a_hung_executor_is_detected_by_keepalive(own_server, monkeypatch):
     for i in range(4):
         params, opt_state, loss = step(params, opt_state, *data[i])
         float(loss)
+    assert step.stats().coexecuted >= 1
     os.kill(own_server.process.pid, signal.SIGSTOP)
     try:
         start = time.monotonic()
