@@ -1,19 +1,41 @@
-"""The in-process graph executor: one thread dispatches segments, one compiles.
+"""Graph executors: the in-process one (default) and how a program picks one.
 
+The in-process executor: one thread dispatches segments, one compiles.
 Dispatch and compilation live on separate threads so a long XLA compile of a
 new graph never delays the segments of a graph that is already running.
 Segments are dispatched with JAX's asynchronous dispatch: a dispatch job
 returns as soon as XLA has accepted the work, so the executor thread keeps up
 with Python while the device computes.
+
+Every executor offers the same seam: `compile_function(fn, specs)` turns a
+segment's flat function into something callable with the segment's inputs,
+`dispatch(job)` runs a job that calls it, `compile(job)` runs a compilation
+off the Python thread. What the callable returns is either a jax.Array or a
+`RemoteValue` (held by an executor in another process, see runtime/client.py)
+whose `local()` downloads it.
 """
 from __future__ import annotations
 
+import abc
 import atexit
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, Sequence
+
+import jax
 
 _TIMEOUT_POLL_S = 0.1  # how often a waiting Python thread checks for Ctrl-C
+
+
+class Executor(Protocol):
+    """What co-execution needs from an executor (GraphExecutor, client.RemoteExecutor)."""
+
+    def compile_function(self, fn: Callable, specs: Sequence[jax.ShapeDtypeStruct],
+                         out_shardings: Sequence | None = None) -> Callable: ...
+    def dispatch(self, job: Callable[[], Any]) -> Future: ...
+    def compile(self, job: Callable[[], Any]) -> Future: ...
+    def shutdown(self) -> None: ...
 
 
 class GraphExecutor:
@@ -33,6 +55,15 @@ class GraphExecutor:
         """Queue a compilation; never blocks the caller."""
         return self._compile.submit(job)
 
+    def compile_function(self, fn: Callable, specs: Sequence[jax.ShapeDtypeStruct],
+                         out_shardings: Sequence | None = None) -> Callable:
+        """Lower and compile `fn` for inputs `specs` (runs in the compile thread).
+
+        `out_shardings` (None: XLA's choice) places the outputs on a mesh.
+        """
+        shardings = {} if out_shardings is None else {"out_shardings": out_shardings}
+        return jax.jit(fn, keep_unused=True, **shardings).lower(*specs).compile()
+
     def shutdown(self) -> None:
         with self._lock:
             if self._closed:
@@ -40,6 +71,27 @@ class GraphExecutor:
             self._closed = True
         self._dispatch.shutdown(wait=True, cancel_futures=True)
         self._compile.shutdown(wait=True, cancel_futures=True)
+
+
+class TerraExecutorError(RuntimeError):
+    """The graph executor cannot be reached, or it failed: the step cannot finish.
+
+    Raised (never turned into an eager fallback: the values it held are gone)
+    with the executor's address and what to do about it.
+    """
+
+
+class RemoteValue(abc.ABC):
+    """An array held by an executor in another process, named by a handle.
+
+    Like executor jobs, `local()` must run with no JAX trace installed.
+    """
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    def local(self) -> jax.Array:
+        """The array here, in this process (downloaded once, then cached)."""
 
 
 def wait(future: Future) -> Any:
@@ -63,3 +115,28 @@ def default_executor() -> GraphExecutor:
             _default = GraphExecutor()
             atexit.register(_default.shutdown)
         return _default
+
+
+def select_executor(spec: Executor | str | None = None) -> Executor:
+    """The executor `spec` names; None means the TERRA_EXECUTOR environment variable.
+
+    `spec` is an executor object, "" for the in-process executor thread, or
+    "grpc://host:port" ("grpcs://" for TLS) for a `python -m terra serve`
+    process (see runtime/client.py for its token and TLS settings).
+
+    Example:
+        >>> select_executor("") is default_executor()
+        True
+    """
+    if spec is None:
+        spec = os.environ.get("TERRA_EXECUTOR", "")
+    if not isinstance(spec, str):
+        return spec
+    if not spec.strip():
+        return default_executor()
+    if spec.startswith(("grpc://", "grpcs://")):
+        from runtime.client import connect  # grpc is imported only when it is used
+        return connect(spec)
+    raise ValueError(f"unknown executor {spec!r}: use grpc://host:port (or grpcs:// for TLS) "
+                     "for a `python -m terra serve` process, or leave TERRA_EXECUTOR unset "
+                     "for the in-process executor thread")

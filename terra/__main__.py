@@ -6,6 +6,7 @@
 - `python -m terra watch HOST:PORT`: live dashboard of a program run with
   `TERRA_TELEMETRY` (or `--telemetry`).
 - `python -m terra bench ...`: eager vs jax.jit vs terra on the examples.
+- `python -m terra serve`: the graph executor service (runtime/server.py).
 """
 from __future__ import annotations
 
@@ -97,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="live dashboard of a program run with TERRA_TELEMETRY (see --help)")
     sub.add_parser("bench", add_help=False,
                    help="eager vs jax.jit vs terra on the example programs (see --help)")
+    sub.add_parser("serve", add_help=False,
+                   help="run the graph executor service for TERRA_EXECUTOR=grpc://... (see --help)")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["watch"]:
         from terra.telemetry import watch
@@ -104,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[:1] == ["bench"]:
         from terra import bench
         raise SystemExit(bench.main(argv[1:]))
+    if argv[:1] == ["serve"]:
+        from runtime import server
+        raise SystemExit(server.main(argv[1:]))
     ns = parser.parse_args(argv)
     if ns.command == "run":
         if not os.path.isfile(ns.script):

@@ -26,7 +26,7 @@ from typing import Any, Callable, TypeVar
 
 import jax
 
-from runtime.executor import GraphExecutor, default_executor, wait
+from runtime.executor import Executor, TerraExecutorError, select_executor, wait
 from terra.coexec import COEXEC, TRACING, StepRun, TerraInternalError, TerraWarning
 from terra import generate
 from terra.generate import Program, build_program
@@ -62,7 +62,7 @@ class StepFunction:
     """A step function run by Terra. Call it exactly like the wrapped function."""
 
     def __init__(self, fn: Callable, *, max_graphs: int = 8, max_paths: int = 64,
-                 strict: bool | None = None, executor: GraphExecutor | None = None):
+                 strict: bool | None = None, executor: Executor | str | None = None):
         functools.update_wrapper(self, fn)
         self._fn = fn
         self.telemetry_name = _unique_name(self.__name__)
@@ -70,7 +70,7 @@ class StepFunction:
         self._max_paths = max_paths
         self._strict = _env_flag("TERRA_STRICT") if strict is None else strict
         self._sync_compile = _env_flag("TERRA_SYNC_COMPILE")
-        self._executor = executor or default_executor()
+        self._executor = select_executor(executor)
         self._graph = TraceGraph()
         self._stats = Stats()
         self._program: Program | None = None
@@ -198,7 +198,7 @@ class StepFunction:
                           f"{self._stats.last_divergence or 'new paths while tracing'}")
             return
         program = build_program(self._graph)
-        cache, stats = self._executables, self._stats
+        cache, stats, executor = self._executables, self._stats, self._executor
 
         telemetry, paths = events.recorder, self._graph.paths()
 
@@ -208,7 +208,7 @@ class StepFunction:
             for seg in program.segments:
                 exe = cache.get(seg.signature)
                 if exe is None:
-                    exe = cache[seg.signature] = generate.compile_segment(seg)
+                    exe = cache[seg.signature] = generate.compile_segment(seg, executor)
                     compiled += 1
                 seg.executable = exe
             if telemetry is not None:
@@ -244,6 +244,8 @@ class StepFunction:
             del self._executables[sig]
 
     def _internal_failure(self, err: Exception, doing: str) -> None:
+        if isinstance(err, TerraExecutorError):
+            raise err  # the executor is gone: not Terra's failure, and not recoverable here
         self._stats.internal_errors += 1
         if events.recorder is not None:
             events.recorder.instant(INTERNAL_ERROR, self.telemetry_name, self._stats.steps,
@@ -266,7 +268,7 @@ class StepFunction:
 
 
 def function(fn: F | None = None, *, max_graphs: int = 8, max_paths: int = 64,
-             strict: bool | None = None) -> F:
+             strict: bool | None = None, executor: Executor | str | None = None) -> F:
     """Run `fn` with imperative-symbolic co-execution. Use as `@terra.function`.
 
     Args:
@@ -278,6 +280,11 @@ def function(fn: F | None = None, *, max_graphs: int = 8, max_paths: int = 64,
             graph is freed (bounds memory when shapes never repeat).
         strict: raise `TerraInternalError` on Terra's own failures instead of
             falling back to eager (default: the TERRA_STRICT environment variable).
+        executor: where the graph runs: "grpc://host:port" for a
+            `python -m terra serve` process, or an executor object (default:
+            the TERRA_EXECUTOR environment variable, else the in-process
+            executor thread). Raises `terra.TerraExecutorError` if it cannot
+            be reached.
 
     Example:
         >>> import jax.numpy as jnp, terra
@@ -292,8 +299,9 @@ def function(fn: F | None = None, *, max_graphs: int = 8, max_paths: int = 64,
     """
     if fn is None:
         return functools.partial(function, max_graphs=max_graphs, max_paths=max_paths,
-                                 strict=strict)  # type: ignore
-    return StepFunction(fn, max_graphs=max_graphs, max_paths=max_paths, strict=strict)  # type: ignore
+                                 strict=strict, executor=executor)  # type: ignore
+    return StepFunction(fn, max_graphs=max_graphs, max_paths=max_paths, strict=strict,
+                        executor=executor)  # type: ignore
 
 
 def explain(fn: StepFunction | None = None, *, at_exit: bool = False) -> str:

@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from runtime.executor import wait
+from runtime.executor import RemoteValue, TerraExecutorError, wait
 from terra.telemetry import events
 from terra.autodiff import GRAD, GradSpec, apply_gradient_op, external_inputs
 from terra.generate import ARG_IN, ENV, LIVE, Program, Segment
 from terra.intercept import (
     GradCall, Placeholder, TerraTrace, aval_of, check_gradient_output, copy_value, eager,
-    eval_primitive, frozen_copy, has_host_effect, placement_of, user_frame, user_location,
+    eval_primitive, frozen_copy, has_host_effect, local_value, placement_of, user_frame,
+    user_location,
 )
 from terra.trace import (
     ARG, DATA, FEED, FEED_REF, NODE, GraphNode, Op, Recording, feed_token, params_equal, placements,
@@ -230,10 +231,12 @@ class StepRun:
                 env[key] = v
             if telemetry is not None:
                 telemetry.slice(events.DISPATCH, self.name, self.step, start, info)
-                telemetry.watch_segment(self.name, self.step, info, time.perf_counter_ns(),
-                                        lambda: jax.block_until_ready(outs))
+                if not any(isinstance(v, RemoteValue) for v in outs):  # waiting would download
+                    telemetry.watch_segment(self.name, self.step, info, time.perf_counter_ns(),
+                                            lambda: jax.block_until_ready(outs))
 
-        self.futures[id(seg)] = self.owner._executor.dispatch(job)
+        with eager():  # an executor may run the job right here: not under the step's trace
+            self.futures[id(seg)] = self.owner._executor.dispatch(job)
         self.stats.segments_dispatched += 1
 
     def _diverge(self, reason: str) -> None:
@@ -253,7 +256,7 @@ class StepRun:
         for k, x in enumerate(args):
             if type(x) is Placeholder and x._run is self:
                 inputs.append((NODE, x._pos, x._out))
-                vals.append(x.value())
+                vals.append(self._concrete(x))
                 continue
             i = self.arg_ids.get(id(x))
             if i is not None and self.args[i] is x:
@@ -263,7 +266,7 @@ class StepRun:
                 x = frozen_copy(x)  # XLA may read a numpy buffer after Python mutates it
                 feeds.append(x)
                 slots.append(k)
-            vals.append(x.value() if type(x) is Placeholder else x)
+            vals.append(self._concrete(x))
         region = self.region
         if region is not None:  # keep what the gradient op will read from outside
             for k, (inp, v) in enumerate(zip(inputs, vals)):
@@ -353,7 +356,7 @@ class StepRun:
                     break
             self._diverge("the differentiated function took a new path")
         inputs = [(NODE, p, o) for p, o in region.diff] + external_inputs(spec)
-        vals = [self._region_input(region, inp) for inp in inputs]
+        vals = [local_value(self._region_input(region, inp)) for inp in inputs]
         op = Op(GRAD, {"spec": spec}, tuple(inputs), (), True, user_location(), False, (),
                 placements(None if i[0] == NODE else v for i, v in zip(inputs, vals)))
         with eager():
@@ -386,7 +389,8 @@ class StepRun:
 
     @staticmethod
     def _concrete(x: Any) -> Any:
-        return x.value() if type(x) is Placeholder else x
+        """What an eager op reads: the local value (a remote one is downloaded)."""
+        return local_value(x.value() if type(x) is Placeholder else x)
 
     # -- values ----------------------------------------------------------------
     def resolve(self, pos: int, out: int) -> Any:
@@ -451,6 +455,7 @@ class StepRun:
                 else:
                     vals.append(_device_value(
                         self.rec.feeds[a][self.rec.ops[a].feed_slots.index(b)]))
+            vals = [local_value(v) for v in vals]
             if op.prim is GRAD:
                 with eager():
                     outs = apply_gradient_op(op, vals)
@@ -474,11 +479,11 @@ class StepRun:
                 self.graph.note_fetch(self.node, key)  # unplanned: next graph cuts here
                 planned = False
         if self.telemetry is None:
-            v = ph.value()
+            v = local_value(ph.value())
             _wait_ready(v, self.stats)
             return v
         start, waited = time.perf_counter_ns(), self.stats.wait_seconds
-        v = ph.value()
+        v = local_value(ph.value())
         _wait_ready(v, self.stats)
         self._fetch_event(ph, start, self.stats.wait_seconds - waited, planned)
         return v
@@ -511,7 +516,7 @@ class StepRun:
             if type(x) is Placeholder:
                 if x._run is self:
                     returned.append((x._pos, x._out))
-                leaves[i] = x.value()
+                leaves[i] = _returned_value(x)
         if self.mode == COEXEC:
             self.stats.coexecuted += 1
             node = self.node
@@ -546,6 +551,8 @@ class StepRun:
 
     def internal_failure(self, err: BaseException, doing: str) -> None:
         """Terra itself failed: raise in strict mode, else warn once and go eager."""
+        if isinstance(err, TerraExecutorError):
+            raise err  # not Terra's bug, and eager cannot recover what the executor held
         self.stats.internal_errors += 1
         if self.telemetry is not None:
             self.telemetry.instant(events.INTERNAL_ERROR, self.name, self.step,
@@ -562,6 +569,31 @@ class StepRun:
 def _differentiable(x: Any) -> bool:
     """Leaves Terra differentiates itself: float arrays (others go to JAX)."""
     return isinstance(x, jax.Array) and jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)
+
+
+class _RemoteResults:
+    """Handler of returned placeholders whose values stay in a remote executor."""
+
+    @staticmethod
+    def fetch(ph: Placeholder) -> Any:
+        return local_value(ph.value())
+
+
+# Never installed as JAX's trace: its placeholders only ever fetch.
+_REMOTE_RESULTS = TerraTrace(_RemoteResults())
+
+
+def _returned_value(ph: Placeholder) -> Any:
+    """What the step returns for `ph`: its array, or a placeholder of it if remote.
+
+    A remote value stays in the executor (no per-step download of parameters);
+    the placeholder behaves as a jax.Array outside the step (fetching on use)
+    and, passed to the next step, is an argument naming the same handle.
+    """
+    v = ph.value()
+    if isinstance(v, RemoteValue):
+        return Placeholder(_REMOTE_RESULTS, ph.aval, _REMOTE_RESULTS.handler, ph._pos, ph._out, v)
+    return v
 
 
 def _slot_index(run: StepRun, pos: int, slot: int) -> int:

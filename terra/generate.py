@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from runtime.executor import Executor
 from terra.autodiff import GRAD, apply_gradient_op
 from terra.intercept import bind_op, uncommitted
 from terra.trace import ARG, FEED_REF, NODE, GraphNode, TraceGraph, ValueKey
@@ -267,8 +268,8 @@ def segment_function(seg: Segment) -> Callable:
     return run
 
 
-def compile_segment(seg: Segment) -> Any:
-    """Lower and compile one segment (runs in the compile thread).
+def compile_segment(seg: Segment, executor: Executor) -> Any:
+    """Compile one segment for `executor` (runs in the compile thread).
 
     Committed inputs and outputs keep eager's shardings (so sharded values stay
     sharded across segments and steps, and results live where eager's do).
@@ -280,10 +281,9 @@ def compile_segment(seg: Segment) -> Any:
              for a, p in zip(seg.in_avals, seg.in_placements)]
     replicated = seg.mesh_sharding()
     if replicated is None:  # as on one device: eager's uncommitted values, compiled as they are
-        return jax.jit(segment_function(seg), keep_unused=True).lower(*specs).compile()
+        return executor.compile_function(segment_function(seg), specs)
     out_shardings = [replicated if p is None else p for p in seg.out_placements]
-    compiled = jax.jit(segment_function(seg), keep_unused=True,
-                       out_shardings=out_shardings).lower(*specs).compile()
+    compiled = executor.compile_function(segment_function(seg), specs, out_shardings)
     movable = [i for i, p in enumerate(seg.out_placements) if p is None]
     if not movable:
         return compiled

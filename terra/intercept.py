@@ -22,6 +22,8 @@ from jax._src.interpreters import pxla
 from jax._src.interpreters import partial_eval as pe
 from jax._src.lax import lax as lax_internal
 
+from runtime import executor
+
 Primitive = core.Primitive
 AbstractValue = core.AbstractValue
 Tracer = core.Tracer
@@ -143,7 +145,7 @@ class Placeholder(core.Tracer):
     # Escaped placeholders used by eager JAX outside the step: EvalTrace and
     # jit call this before their escaped-tracer check.
     def full_lower(self):
-        return self.value()
+        return local_value(self.value())
 
     # -- conversions Python uses on a value (each one is a fetch) ------------
     # A value being differentiated behaves as eager's GradTracer does: bool,
@@ -268,6 +270,18 @@ def eval_primitive(prim: Primitive, args: Any, params: dict) -> Any:
 def eager():
     """Context manager: JAX ops inside run eagerly, below any Terra trace."""
     return core.take_current_trace()
+
+
+def local_value(value: Any) -> Any:
+    """`value` as a local array: one held by a remote executor is downloaded.
+
+    The download builds a jax.Array, which must not be intercepted by the
+    step's trace: it runs eagerly, as the executor's own threads would.
+    """
+    if isinstance(value, executor.RemoteValue):
+        with core.take_current_trace():
+            return value.local()
+    return value
 
 
 def frozen_copy(value: Any) -> Any:

@@ -189,7 +189,7 @@ def _step(w, x):
 
 
 def test_internal_failure_falls_back_with_one_warning(monkeypatch):
-    def broken(seg):
+    def broken(seg, executor):
         raise RuntimeError("simulated compiler bug")
 
     monkeypatch.setattr(generate, "compile_segment", broken)
@@ -209,7 +209,7 @@ def test_internal_failure_falls_back_with_one_warning(monkeypatch):
 
 
 def test_internal_failure_raises_in_strict_mode(monkeypatch):
-    def broken(seg):
+    def broken(seg, executor):
         raise RuntimeError("simulated compiler bug")
 
     monkeypatch.setattr(generate, "compile_segment", broken)
@@ -244,9 +244,9 @@ def test_compilation_never_stalls_python(monkeypatch):
     real_compile = generate.compile_segment
     release = threading.Event()
 
-    def slow_compile(seg):
+    def slow_compile(seg, executor):
         release.wait(30)
-        return real_compile(seg)
+        return real_compile(seg, executor)
 
     monkeypatch.setattr(generate, "compile_segment", slow_compile)
     step = terra.function(_step)
@@ -351,11 +351,11 @@ def test_prediction_checked_against_the_program_in_use(monkeypatch):
     gate = threading.Event()
     compiled = []
 
-    def gated_compile(seg):
+    def gated_compile(seg, executor):
         if len(compiled) >= 1:          # the first graph compiles; later ones wait
             gate.wait(30)
         compiled.append(seg)
-        return real_compile(seg)
+        return real_compile(seg, executor)
 
     monkeypatch.setattr(generate, "compile_segment", gated_compile)
 
