@@ -68,7 +68,8 @@ def faults() -> tuple[int, int, list]:
     def failing_compile():
         from terra import generate
         real = generate.compile_segment
-        generate.compile_segment = lambda seg: (_ for _ in ()).throw(RuntimeError("injected"))
+        generate.compile_segment = lambda seg, executor: (_ for _ in ()).throw(
+            RuntimeError("injected"))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -151,7 +151,7 @@ def test_failing_segment_in_strict_mode_raises_then_recovers():
 
 
 def test_failing_compile_stays_eager_with_one_warning(monkeypatch):
-    def broken(seg):
+    def broken(seg, executor):
         raise RuntimeError("injected compile failure")
 
     monkeypatch.setattr(generate, "compile_segment", broken)
