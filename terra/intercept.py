@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 import jax
 import numpy as np
-from jax._src import api_util, array, core, literals
+from jax._src import api_util, array, config, core, dtypes, literals, pjit
 from jax._src import linear_util as lu
 from jax._src.interpreters import pxla
 from jax._src.interpreters import partial_eval as pe
@@ -247,6 +247,96 @@ def _concrete_or_error(force: Any, val: Any, context: str = ""):
 
 
 core.concrete_or_error = _concrete_or_error
+
+
+# A placeholder's aval is asked for on every op (by bind, jit, validation):
+# give its type JAX's fast lookup instead of a walk along its MRO.
+core.pytype_aval_mappings[Placeholder] = lambda x: x.aval
+
+
+# -- nested jits under a Terra trace -------------------------------------------
+# A jnp ufunc is a small `jax.jit`. Called on a placeholder it misses jit's C++
+# fast path and takes pjit's Python path: argument parsing, abstractification,
+# a cache lookup, argument checks. Under a TerraTrace the common call (leaf
+# positional arguments, none static) needs only the function, the avals, the
+# mesh and the config to find the jaxpr it traced before.
+_JIT_CACHE_SIZE = 4096
+_jit_params: dict = {}   # (fun, jit info, avals, mesh, config) -> PjitParams
+_slow_infer_params = pjit._infer_params
+_slow_run_python_pjit = pjit._run_python_pjit
+
+
+def _infer_params_fast(fun, ji, args, kwargs):
+    if type(core.trace_ctx.trace) is not TerraTrace or kwargs or _static_given(ji, args):
+        return _slow_infer_params(fun, ji, args, kwargs)
+    avals = _leaf_avals(args)
+    if avals is None:
+        return _slow_infer_params(fun, ji, args, kwargs)
+    key = (fun, ji, avals, pjit.get_ctx_mesh(ji.use_resource_env), config.trace_context())
+    p = _jit_params.get(key)
+    if p is None:
+        p, args_flat = _slow_infer_params(fun, ji, args, kwargs)
+        if not p.params["jaxpr"].jaxpr.is_high:
+            if len(_jit_params) >= _JIT_CACHE_SIZE:
+                _jit_params.pop(next(iter(_jit_params)))
+            _jit_params[key] = p
+        return p, args_flat
+    return p, [*p.consts, *args]
+
+
+def _leaf_avals(args) -> tuple | None:
+    """The avals of array-like arguments; None if one is a pytree, a ref or unknown."""
+    avals = []
+    for x in args:
+        to_aval = core.pytype_aval_mappings.get(type(x))  # never formats x (a fetch)
+        if to_aval is None:
+            return None
+        aval = to_aval(x)
+        if type(aval) is not core.ShapedArray:  # refs, tokens: JAX checks them
+            return None
+        avals.append(aval)
+    return tuple(avals)
+
+
+def _static_given(ji, args) -> bool:
+    """Whether a static argument is among the positional ones (it is keyed by value)."""
+    n = len(args)
+    return any(-n <= i < n for i in ji.static_argnums)
+
+
+def _run_python_pjit_fast(p, args_flat, fun, args, kwargs):
+    # The arguments were abstractified already; no compiled executable comes back.
+    trace = core.trace_ctx.trace
+    if type(trace) is not TerraTrace or p.params["jaxpr"].jaxpr.is_high:
+        return _slow_run_python_pjit(p, args_flat, fun, args, kwargs)
+    out_flat = _bind_jit(trace, args_flat, p.params)
+    return (pjit.tree_unflatten(p.out_tree, out_flat), out_flat, p.out_tree, args_flat,
+            p.params["jaxpr"], None, None, [])
+
+
+def _bind_jit(trace: TerraTrace, args: list, params: dict) -> Any:
+    """`jit_p.bind(*args)` with `trace` current, as `Primitive.bind` does it.
+
+    Skips what cannot apply with a TerraTrace on top: mesh casts (only inside
+    shard_map) and the lowering of high-level types (never cached above).
+    """
+    canonical = []
+    for x in args:
+        if type(x) is not Placeholder:
+            x = dtypes.canonicalize_value(x)
+            if isinstance(x, core.Tracer) and not x._trace.is_valid():
+                raise core.escaped_tracer_error(x)
+        canonical.append(x)
+    prev = core.trace_ctx.trace
+    core.trace_ctx.set_trace(core.eval_trace)
+    try:
+        return trace.process_primitive(pjit.jit_p, canonical, params)
+    finally:
+        core.trace_ctx.set_trace(prev)
+
+
+pjit._infer_params = _infer_params_fast
+pjit._run_python_pjit = _run_python_pjit_fast
 
 
 # -- helpers the rest of Terra uses instead of touching jax._src -------------

@@ -8,6 +8,7 @@ so a silent fall-back to eager cannot pass.
 from __future__ import annotations
 
 import _thread
+import functools
 import threading
 import time
 import warnings
@@ -407,3 +408,60 @@ def test_numpy_buffer_mutated_after_feeding(size):
         expected = (expected + np.float32(i)) * np.float32(0.5)
         np.testing.assert_allclose(np.asarray(w), expected, rtol=1e-6, err_msg=f"step {i}")
     assert step.stats().coexecuted >= 5
+
+
+# -- nested jits: the short path under a Terra trace keeps jit's semantics ----------
+
+@functools.partial(jax.jit, static_argnums=1)
+def _power_sum(x, k):
+    return jnp.sum(x ** k)
+
+
+@jax.jit
+def _affine(p, x):
+    return p["w"] * x + p["b"]
+
+
+def test_nested_jits_keep_semantics_and_never_fetch():
+    """Static arguments keyed by value, pytree arguments (of placeholders) unflattened
+    without formatting them (a fetch), Python scalars canonicalized as bind does."""
+
+    def program(wrap, steps):
+        @wrap
+        def step(w):
+            y = _affine({"w": w * 0.5, "b": jnp.cos(w)}, w)
+            # same jit, same avals, a different static value each call
+            a = _power_sum(y, 1) + _power_sum(y, 2) * 0.5 + _power_sum(y, 3) / 3.0
+            z = jnp.multiply(y, 2.0) + jnp.multiply(y, np.float32(2.0))  # weak vs strong
+            return jnp.tanh(w + a * 1e-3) + 1e-3 * z, a
+
+        w = jnp.linspace(-1.0, 1.0, 4)
+        outs = []
+        for _ in range(steps):
+            w, a = step(w)
+            outs.append(a)
+        return w, outs
+
+    res = differential(program, steps=8, min_coexecuted=5)
+    stats = res.terra.wrap.functions[0].stats()
+    assert stats.fetches == 0 and stats.fallbacks == 0, stats
+
+
+def test_nested_jit_with_new_avals_in_a_step_diverges_like_a_new_op():
+    """A jitted function cached for one shape, called with another, is a new op."""
+
+    def program(wrap, steps):
+        @wrap
+        def step(w, i):
+            x = jnp.ones(4 if i < 5 else 3)
+            return w + _power_sum(x, 2), _power_sum(w, 2)
+
+        w = jnp.zeros(())
+        outs = []
+        for i in range(steps):
+            w, s = step(w, i)
+            outs.append(s)
+        return w, outs
+
+    res = differential(program, steps=10, min_coexecuted=4)
+    assert res.terra.wrap.functions[0].stats().divergences >= 1
