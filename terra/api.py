@@ -176,7 +176,9 @@ class StepFunction:
         if raised:
             data["raised"] = raised
         telemetry.slice(STEP, self.telemetry_name, run.step, start_ns, data)
-        telemetry.instant(COUNTER, "", 0, {"placeholders (last step)": len(run.rec.ops)})
+        # Counters are sampled once per step: cheap, and enough for a dashboard.
+        telemetry.instant(COUNTER, "", 0, {"segments in flight": telemetry.segments_in_flight,
+                                           "placeholders (last step)": len(run.rec.ops)})
 
     # -- graph generation, always off the Python thread's critical path ------
     def _maybe_generate(self, grew: bool) -> None:

@@ -96,6 +96,11 @@ class Recorder:
         """A fetch saw segment `flow`'s output ready by `at_ns` (bounds its end)."""
         self._completions.note_ready(flow, at_ns)
 
+    @property
+    def segments_in_flight(self) -> int:
+        """Segments dispatched whose outputs are not computed yet."""
+        return self._completions.in_flight
+
     # -- sinks -------------------------------------------------------------------
     def add_sink(self, sink: Sink) -> None:
         with self._lock:
@@ -172,7 +177,6 @@ class _CompletionWatcher:
             self.in_flight += 1
             self._queue.append((fn, step, data, dispatched_ns, wait_ready))
             self._ready.notify()
-        self._count()
 
     def note_ready(self, flow: int, at_ns: int) -> None:
         # The watcher needs the GIL to read the clock after the device finished,
@@ -182,9 +186,6 @@ class _CompletionWatcher:
             self._seen_ready[flow] = min(at_ns, self._seen_ready.get(flow, at_ns))
             while len(self._seen_ready) > 4096:
                 self._seen_ready.popitem(last=False)
-
-    def _count(self) -> None:
-        self._rec.instant(COUNTER, "", 0, {"segments in flight": self.in_flight})
 
     def _loop(self) -> None:
         while True:
@@ -205,7 +206,6 @@ class _CompletionWatcher:
             start = min(max(dispatched_ns, self._last_end_ns), end)
             self._last_end_ns = end
             self._rec.emit(Event(SEGMENT, fn, step, start, end - start, 0, data))
-            self._count()
 
     def close(self) -> None:
         with self._ready:

@@ -28,6 +28,7 @@ _LANE_NAMES = {1: "python (step runner)", 2: "executor (segment dispatch)",
                3: "device (segments computing)", 4: "compiler"}
 _INSTANT_SCOPE = {"gave_up": "p", "internal_error": "p"}  # shown across all lanes
 _REMEMBERED = 4096  # segments kept to draw flows to fetches that come later
+_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False, default=str).encode
 
 
 class ChromeTraceSink:
@@ -126,7 +127,7 @@ class ChromeTraceSink:
     def _write(self, records: list[dict]) -> None:
         if not records:
             return
-        text = ",\n".join(json.dumps(r, separators=(",", ":"), default=str) for r in records)
+        text = ",\n".join(map(_ENCODE, records))
         self._file.write(text if self._first else ",\n" + text)
         self._first = False
         self._file.flush()
