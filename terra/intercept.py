@@ -48,9 +48,9 @@ class TerraTrace(core.Trace):
 
     __slots__ = ("handler",)
 
-    def __init__(self, handler: Handler):
+    def __init__(self, handler: Handler | None):
         super().__init__()
-        self.handler = handler
+        self.handler = handler  # the running step's; swapped for each step
 
     def process_primitive(self, prim, tracers, params, /):
         return self.handler.apply(self, prim, tracers, params)
