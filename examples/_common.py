@@ -1,4 +1,5 @@
-"""Helpers shared by the examples' `--compare` mode (not needed to read them).
+"""Helpers shared by the examples: the standalone command line (`cli`) and the
+`--compare` mode (not needed to read them).
 
 An example module provides `train_step` and `train(step_fn, steps, log, seed,
 timings)`; `compare` runs the same training loop eagerly and under
@@ -132,3 +133,33 @@ def compare(module, name, steps):
     print("terra stats: " + " ".join(f"{k}={v}" for k, v in stats.as_dict().items()))
     print(f"co-executed {stats.coexecuted} of {stats.steps} steps")
     return 0 if (params_ok and logs_ok) else 1
+
+
+def cli(run, doc, argv=None, default_steps=20):
+    """The standalone command line of an example: `--steps N --mode eager|jit|terra`.
+
+    Runs `run(wrap, steps, timings=...)` and prints the median step time of the
+    second half (after warm-up and, for terra, the background compile) to stderr.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=default_steps)
+    parser.add_argument("--mode", choices=["eager", "jit", "terra"], default="eager")
+    args = parser.parse_args(argv)
+    if args.mode == "jit":
+        wrap = jax.jit
+    elif args.mode == "terra":
+        import terra
+        wrap = terra.function
+    else:
+        def wrap(f):
+            return f
+    timings = []
+    run(wrap, args.steps, timings=timings)
+    steady = sorted(timings[len(timings) // 2:])
+    if steady:
+        print(f"median step time (2nd half) {1e3 * steady[len(steady) // 2]:.1f} ms",
+              file=sys.stderr)
+    return 0

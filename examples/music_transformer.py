@@ -23,9 +23,9 @@ cannot stage the step (ConcretizationTypeError on the `int`).
     python examples/music_transformer.py --steps 20 --mode terra   # terra.function
 """
 
-import argparse
 import math
 import random
+import os
 import sys
 import time
 
@@ -218,25 +218,9 @@ def run(wrap, steps, log=print, seed=0, timings=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--mode", choices=["eager", "jit", "terra"], default="eager")
-    args = parser.parse_args(argv)
-    if args.mode == "jit":
-        wrap = jax.jit
-    elif args.mode == "terra":
-        import terra
-        wrap = terra.function
-    else:
-        def wrap(f):
-            return f
-    timings = []
-    run(wrap, args.steps, timings=timings)
-    tail = sorted(timings[len(timings) // 2:])
-    if tail:
-        print(f"median step time (2nd half) {1000 * tail[len(tail) // 2]:.1f} ms",
-              file=sys.stderr)
-    return 0
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _common
+    return _common.cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

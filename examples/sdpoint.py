@@ -19,9 +19,9 @@ different results than eager.
     python examples/sdpoint.py --steps 20 --mode terra     # terra.function(train_step)
 """
 
-import argparse
 import collections
 import random
+import os
 import sys
 import time
 
@@ -143,24 +143,9 @@ def run(wrap, steps, log=print, seed=0, timings=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--mode", choices=["eager", "jit", "terra"], default="eager")
-    args = parser.parse_args(argv)
-
-    if args.mode == "jit":
-        wrap = jax.jit
-    elif args.mode == "terra":
-        import terra
-        wrap = terra.function
-    else:
-        wrap = lambda f: f  # noqa: E731
-    timings = []
-    run(wrap, args.steps, timings=timings)
-    steady = sorted(timings[len(timings) // 2:]) or [0.0]
-    print(f"median step time (second half): {1e3 * steady[len(steady) // 2]:.1f} ms",
-          file=sys.stderr)
-    return 0
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _common
+    return _common.cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

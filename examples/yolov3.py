@@ -24,7 +24,7 @@ Under `jax.jit` the `np.asarray` on the predictions raises
     python examples/yolov3.py --steps 20 --mode terra    # terra.function(train_step)
 """
 
-import argparse
+import os
 import sys
 import time
 
@@ -222,24 +222,9 @@ def run(wrap, steps, log=print, seed=0, timings=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--mode", choices=["eager", "jit", "terra"], default="eager")
-    args = parser.parse_args(argv)
-    if args.mode == "jit":
-        wrap = jax.jit
-    elif args.mode == "terra":
-        import terra
-        wrap = terra.function
-    else:
-        wrap = lambda f: f  # noqa: E731
-    timings = []
-    run(wrap, args.steps, timings=timings)
-    steady = sorted(timings[len(timings) // 2:])
-    if steady:
-        print(f"median step time (2nd half) {1e3 * steady[len(steady) // 2]:.1f} ms",
-              file=sys.stderr)
-    return 0
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _common
+    return _common.cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":
