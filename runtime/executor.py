@@ -25,6 +25,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import jax
 
+from runtime.executable_cache import executable_store
+
 _TIMEOUT_POLL_S = 0.1  # how often a waiting Python thread checks for Ctrl-C
 
 
@@ -60,9 +62,13 @@ class GraphExecutor:
         """Lower and compile `fn` for inputs `specs` (runs in the compile thread).
 
         `out_shardings` (None: XLA's choice) places the outputs on a mesh.
+        With TERRA_CACHE_DIR set, executables compiled before (also by an
+        earlier process) are loaded instead of compiled.
         """
         shardings = {} if out_shardings is None else {"out_shardings": out_shardings}
-        return jax.jit(fn, keep_unused=True, **shardings).lower(*specs).compile()
+        lowered = jax.jit(fn, keep_unused=True, **shardings).lower(*specs)
+        store = executable_store()
+        return lowered.compile() if store is None else store.compile(lowered)
 
     def shutdown(self) -> None:
         with self._lock:

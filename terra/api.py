@@ -28,7 +28,7 @@ import jax
 
 from runtime.executor import Executor, TerraExecutorError, select_executor, wait
 from terra.coexec import COEXEC, TRACING, StepRun, TerraInternalError, TerraWarning
-from terra import generate
+from terra import cache, generate
 from terra.generate import Program, build_program
 from terra.intercept import TerraTrace, install, install_autodiff_hooks
 from terra import telemetry
@@ -82,6 +82,8 @@ class StepFunction:
         # a 50-op step 17 -> 48 ms over 1200 steps; reusing one kept it flat).
         self._trace = TerraTrace(None)
         self._warned_concurrent = False
+        self._looked_in_cache = False             # for a saved graph (TERRA_CACHE_DIR)
+        self._graph_store: cache.GraphStore | None = None
 
     def __get__(self, obj, objtype=None):  # used as a method: bind `self`
         return self if obj is None else functools.partial(self, obj)
@@ -140,6 +142,8 @@ class StepFunction:
         stats.steps += 1
         telemetry = events.recorder
         start_ns = time.perf_counter_ns()
+        if not self._looked_in_cache:
+            self._resume_from_cache()
         self._adopt_compiled_program()
         program = self._program
         leaves = jax.tree.leaves((args, kwargs))
@@ -185,6 +189,32 @@ class StepFunction:
         telemetry.instant(COUNTER, "", 0, {"segments in flight": telemetry.segments_in_flight,
                                            "placeholders (last step)": len(run.rec.ops)})
 
+    # -- the persistent cache (terra/cache.py) ---------------------------------
+    def _resume_from_cache(self) -> None:
+        """First call with TERRA_CACHE_DIR set: load the saved graph and its executables.
+
+        Waits for them, so a resumed job co-executes from its first step. A
+        saved graph that cannot be compiled is dropped and recorded again.
+        """
+        self._looked_in_cache = True
+        store = self._graph_store = cache.graph_store(self._fn, self.telemetry_name)
+        graph = None if store is None else store.load()
+        if graph is None:
+            return
+        self._graph = graph
+        self._maybe_generate(grew=False)
+        try:
+            if self._pending is not None:
+                wait(self._pending)
+        except Exception as err:
+            warnings.warn(f"terra: the saved graph of {self.__name__!r} could not be compiled "
+                          f"({err!r}); it is recorded again", TerraWarning, stacklevel=4)
+            store.remove()
+            self._graph, self._pending, self._stats.compiles = TraceGraph(), None, 0
+            return
+        self._adopt_compiled_program()
+        self._stats.resumed = self._program is not None
+
     # -- graph generation, always off the Python thread's critical path ------
     def _maybe_generate(self, grew: bool) -> None:
         """Regenerate once the TraceGraph changed and the last step added no new ops."""
@@ -204,8 +234,10 @@ class StepFunction:
                           f"(max_graphs={self._max_graphs}); last change: "
                           f"{self._stats.last_divergence or 'new paths while tracing'}")
             return
-        program = build_program(self._graph)
-        cache, stats, executor = self._executables, self._stats, self._executor
+        graph = self._graph
+        program = build_program(graph)
+        executables, stats, executor, store = self._executables, self._stats, self._executor, \
+            self._graph_store
 
         telemetry, paths = events.recorder, self._graph.paths()
 
@@ -213,11 +245,13 @@ class StepFunction:
             start = time.perf_counter_ns()
             compiled = 0
             for seg in program.segments:
-                exe = cache.get(seg.signature)
+                exe = executables.get(seg.signature)
                 if exe is None:
-                    exe = cache[seg.signature] = generate.compile_segment(seg, executor)
+                    exe = executables[seg.signature] = generate.compile_segment(seg, executor)
                     compiled += 1
                 seg.executable = exe
+            if store is not None:
+                store.save(graph)  # after compiling: lowering ran every custom_jvp rule it needs
             if telemetry is not None:
                 telemetry.slice(COMPILE, self.telemetry_name, 0, start, {
                     "version": program.version, "segments": len(program.segments),

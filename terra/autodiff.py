@@ -35,6 +35,9 @@ class _GradPrimitive:
     def __repr__(self) -> str:
         return self.name
 
+    def __reduce__(self) -> str:
+        return "GRAD"  # pickled by reference: the module's one instance
+
 
 GRAD = _GradPrimitive()
 

@@ -122,6 +122,8 @@ class StepRun:
         else:
             self._diverge(f"expected {self._expected()}, got {prim.name}")
             return None
+        if self.graph.loaded:
+            self.graph.met_live_op(child, params)
         if child not in self.program.members:
             self._diverge(f"{prim.name} follows a path the current graph does not cover yet")
             return None

@@ -227,7 +227,7 @@ def _wire_inputs_and_outputs(root: GraphNode, segment_of: dict) -> None:
                 take_feed(seg, path[a], b)
             else:
                 take_feed(seg, node, k)
-        for p, o in node.needed:
+        for p, o in sorted(node.needed):  # sorted: the same graph lowers to the same text
             need(path[p], (p, o), None)
         for child in reversed(node.children):
             stack.append((child, depth + 1))

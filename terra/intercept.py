@@ -11,12 +11,13 @@ fetch their concrete value only when Python asks for it.
 from __future__ import annotations
 
 import functools
+import pickle
 import sys
 from typing import Any, Callable, Protocol
 
 import jax
 import numpy as np
-from jax._src import api_util, array, config, core, dtypes, literals, pjit
+from jax._src import api_util, array, config, core, dtypes, literals, pjit, source_info_util
 from jax._src import linear_util as lu
 from jax._src.interpreters import pxla
 from jax._src.interpreters import partial_eval as pe
@@ -593,3 +594,145 @@ def user_location(skip: tuple[str, ...] = ()) -> str:
     """`file:line` of the innermost frame outside JAX, Terra and libraries."""
     f = user_frame(skip)
     return "<unknown>" if f is None else f"{f.f_code.co_filename}:{f.f_lineno}"
+
+
+# -- persistence: recorded ops in a file (terra/cache.py) ---------------------
+# Recorded ops pickle by value, except for three kinds of JAX objects:
+# - module-level objects (primitives, markers such as UNSPECIFIED) are
+#   compared by identity, so they are saved by name and come back as the same
+#   object;
+# - source locations hold native tracebacks: dropped (they only feed errors);
+# - TypedNdArray literals: JAX 0.10.2's own `__reduce__` restores them broken;
+# - a staged custom_jvp call's rule is a Python closure: saved as the jvp
+#   jaxprs it produced (`RecordedRule`), checked against the live rule the
+#   first time a loaded op meets the program's op.
+
+class RecordedRule:
+    """A custom_jvp rule loaded from a file: the jvp jaxprs it produced, by zeros pattern."""
+
+    __slots__ = ("results", "debug_info")
+
+    def __init__(self, results: dict, debug_info: Any):
+        self.results = results
+        self.debug_info = debug_info
+
+    def call_wrapped(self, *in_zeros):
+        try:
+            return self.results[in_zeros]
+        except KeyError:
+            raise LookupError("a custom_jvp rule loaded from TERRA_CACHE_DIR was never called "
+                              f"with zeros {in_zeros}; the graph must be recorded again") from None
+
+    __call__ = call_wrapped
+
+    def matches(self, live: Any) -> bool:
+        """Whether the live rule gives the same jvp jaxprs for every recorded pattern."""
+        if not isinstance(live, lu.WrappedFun):
+            return False
+        try:
+            for in_zeros, (jaxpr, consts, out_zeros) in self.results.items():
+                live_jaxpr, live_consts, live_out_zeros = _call_rule_aside(live, in_zeros)
+                if (list(out_zeros) != list(live_out_zeros) or str(jaxpr) != str(live_jaxpr)
+                        or len(consts) != len(live_consts)
+                        or not all(np.array_equal(np.asarray(a), np.asarray(b))
+                                   for a, b in zip(consts, live_consts))):
+                    return False
+        except Exception:
+            return False
+        return True
+
+
+def _call_rule_aside(rule: Any, in_zeros: tuple) -> tuple:
+    """Call a live custom_jvp rule while its custom_jvp call is still in progress.
+
+    Running the rule fills its jvp function's output stores, which the call in
+    progress requires empty (JAX runs either the function or its jvp, never
+    both): put them back as they were.
+    """
+    stores = [getattr(store, "_store", store)  # an EqualStore wraps a Store
+              for fun in _closure_wrapped_funs(rule.f) for store in fun.stores
+              if store is not None]
+    before = [store._val for store in stores]
+    try:
+        return rule.call_wrapped(*in_zeros)
+    finally:
+        for store, val in zip(stores, before):
+            store._val = val
+
+
+def _closure_wrapped_funs(f: Any, depth: int = 3) -> list:
+    """The lu.WrappedFuns a function's closure reaches (the memoized thunk holds the jvp)."""
+    found = []
+    for cell in getattr(f, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        if isinstance(value, lu.WrappedFun):
+            found.append(value)
+        elif depth > 1 and callable(value):
+            found.extend(_closure_wrapped_funs(value, depth - 1))
+    return found
+
+
+def _memoized_results(fun: Any) -> dict | None:
+    """The results cache of a `pe._memoize`d function (None for any other function)."""
+    f = getattr(fun, "f", None)
+    if getattr(f, "__qualname__", "") != "_memoize.<locals>.memoized" or fun.transforms:
+        return None
+    for cell in f.__closure__ or ():
+        if type(cell.cell_contents) is dict:
+            return dict(cell.cell_contents)
+    return None
+
+
+def _module_objects() -> dict:
+    """id -> (module, attribute) of the JAX objects JAX's modules keep at top level."""
+    found: dict = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(("jax", "optax", "flax")):
+            continue
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, (core.Primitive, core.Effect)) or (
+                    type(value).__module__.startswith("jax._src")
+                    and not isinstance(value, type) and not callable(value)):
+                found.setdefault(id(value), (name, attr))
+    return found
+
+
+def _module_object(module: str, attr: str) -> Any:
+    return getattr(sys.modules.get(module) or __import__(module, fromlist=["_"]), attr)
+
+
+class _OpPickler(pickle.Pickler):
+    def __init__(self, file):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._by_reference = _module_objects()
+
+    def reducer_override(self, obj):
+        where = self._by_reference.get(id(obj))
+        if where is not None:
+            return _module_object, where
+        if isinstance(obj, core.Primitive):
+            raise pickle.PicklingError(f"primitive {obj.name} is not a module attribute")
+        if isinstance(obj, source_info_util.SourceInfo):
+            return source_info_util.new_source_info, ()
+        if type(obj) is literals.TypedNdArray:  # JAX's own __reduce__ passes weak_type as aval
+            return literals.TypedNdArray, (np.asarray(obj), obj.aval)
+        if isinstance(obj, lu.WrappedFun):
+            results = _memoized_results(obj)
+            if results is None:
+                raise pickle.PicklingError(
+                    f"an op holds a Python function ({getattr(obj.f, '__qualname__', obj.f)})")
+            return RecordedRule, (results, obj.debug_info)
+        return NotImplemented
+
+
+def dump_ops(obj: Any, file) -> None:
+    """Pickle recorded ops (and what holds them) so `load_ops` restores equal ops."""
+    _OpPickler(file).dump(obj)
+
+
+def load_ops(file) -> Any:
+    """The inverse of `dump_ops`. Only for files this user wrote (pickle runs code)."""
+    return pickle.load(file)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from terra.intercept import Primitive, is_jaxpr, jaxprs_equal, placement_of
+from terra.intercept import Primitive, RecordedRule, is_jaxpr, jaxprs_equal, placement_of
 
 # Input kinds: (NODE, pos, out) | (ARG, leaf_index, aval) | (FEED, aval, None or DATA)
 #   | (FEED_REF, pos, slot): the value fed to op `pos` input `slot` (gradient ops
@@ -91,6 +91,8 @@ def params_equal(a: dict, b: dict) -> bool:
 
 def _value_equal(x: Any, y: Any) -> bool:
     if type(x) is not type(y):
+        if type(x) is RecordedRule:  # a graph loaded from TERRA_CACHE_DIR meets the program
+            return x.matches(y)
         return False
     if is_jaxpr(x):
         return jaxprs_equal(x, y)
@@ -180,6 +182,9 @@ class TraceGraph:
         self.endings = 0          # nodes where some step ended: the number of paths
         self.num_nodes = 0
         self.lock = threading.Lock()
+        # Nodes loaded from TERRA_CACHE_DIR whose op no live op has matched yet:
+        # their params are copies (compared structurally, slowly) until then.
+        self.loaded: set = set()
 
     def merge(self, rec: Recording) -> bool:
         """Add a recorded trace; returns True if it added a new path."""
@@ -190,6 +195,8 @@ class TraceGraph:
                 fetches_by_pos.setdefault(after, []).append(key)
             for pos, op in enumerate(rec.ops):
                 child = node.find_child(op)
+                if child is not None and self.loaded:
+                    self.met_live_op(child, op.params)
                 if child is None:
                     self.num_nodes += 1
                     child = GraphNode(op, pos, node, self.num_nodes)
@@ -212,6 +219,12 @@ class TraceGraph:
             if grew:
                 self.version += 1
             return grew
+
+    def met_live_op(self, node: GraphNode, params: dict) -> None:
+        """A live op matched a loaded node: keep the live params (identity compares fast)."""
+        if node in self.loaded:
+            node.op.params = params
+            self.loaded.discard(node)
 
     def note_fetch(self, node: GraphNode, key: ValueKey) -> bool:
         """Co-execution saw a fetch the graph did not plan for; remember it."""
@@ -258,3 +271,32 @@ class TraceGraph:
     def paths(self) -> int:
         """Number of distinct step endings (a measure of how many paths exist)."""
         return self.endings
+
+    # Pickled as a flat list of nodes (parents before children): a path of
+    # thousands of ops would otherwise nest as deep as it is long.
+    def __getstate__(self) -> dict:
+        with self.lock:
+            nodes, order = [], {self.root: -1}
+            stack = list(reversed(self.root.children))
+            while stack:
+                node = stack.pop()
+                order[node] = len(nodes)
+                nodes.append((order[node.parent], node.op, node.pos, node.id, node.fetch_after,
+                              node.ends_here, node.needed, node.feed_tokens, node.feed_values))
+                stack.extend(reversed(node.children))
+            return {"nodes": nodes, "version": self.version, "endings": self.endings,
+                    "num_nodes": self.num_nodes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        built: list[GraphNode] = []
+        for parent, op, pos, node_id, fetch_after, ends_here, needed, tokens, values in state["nodes"]:
+            parent_node = self.root if parent < 0 else built[parent]
+            node = GraphNode(op, pos, parent_node, node_id)
+            node.fetch_after, node.ends_here, node.needed = fetch_after, ends_here, needed
+            node.feed_tokens, node.feed_values = tokens, values
+            parent_node.children.append(node)
+            built.append(node)
+        self.version, self.endings = state["version"], state["endings"]
+        self.num_nodes = state["num_nodes"]
+        self.loaded = set(built)

@@ -30,6 +30,7 @@ class Stats:
     step_seconds: float = 0.0 # wall time inside step calls (co-executed steps only)
     wait_seconds: float = 0.0 # of which Python was blocked waiting for the graph
     paths: int = 0            # distinct step endings in the TraceGraph
+    resumed: bool = False     # the TraceGraph was loaded from TERRA_CACHE_DIR
     last_divergence: str = ""
     gave_up: str = ""
 

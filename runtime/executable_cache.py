@@ -1,0 +1,105 @@
+"""Compiled executables on disk, so a restarted job skips XLA compiles.
+
+`ExecutableStore.compile(lowered)` is `lowered.compile()` backed by a
+directory: the key is a hash of the lowered module's text (which names its
+shapes, shardings and computation) plus the JAX version and the devices, the
+value the executable serialized by `jax.experimental.serialize_executable`.
+A file that cannot be read is recompiled and overwritten; an executable that
+cannot be serialized (one with closed-over constants) is compiled every time.
+
+Loading an executable runs code from the file: the directory must be one
+only this user can write (the same holds for the pickled graphs next to it).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import jax
+from jax.experimental import serialize_executable
+
+
+class ExecutableStore:
+    """A directory of compiled executables; counts what it loaded and compiled."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.loaded = 0      # executables read from the directory
+        self.compiled = 0    # executables XLA compiled (not found, or unreadable)
+        self.unsaved = 0     # compiled but not serializable
+        self._lock = threading.Lock()
+
+    def compile(self, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+        path = self.directory / f"{self._key(lowered)}.xla"
+        compiled = self._load(path)
+        if compiled is not None:
+            self._count("loaded")
+            return compiled
+        compiled = lowered.compile()
+        self._count("compiled")
+        if not self._save(path, compiled):
+            self._count("unsaved")
+        return compiled
+
+    @staticmethod
+    def _key(lowered: jax.stages.Lowered) -> str:
+        devices = [(d.platform, d.device_kind, d.id) for d in jax.devices()]
+        text = lowered.as_text()
+        return hashlib.sha256(repr((jax.__version__, devices, text)).encode()).hexdigest()[:32]
+
+    @staticmethod
+    def _load(path: Path) -> jax.stages.Compiled | None:
+        try:
+            payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+            return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+        except FileNotFoundError:
+            return None
+        except Exception:
+            return None  # unreadable (torn, other JAX build): compiled again and overwritten
+
+    def _save(self, path: Path, compiled: jax.stages.Compiled) -> bool:
+        try:
+            data = pickle.dumps(serialize_executable.serialize(compiled))
+        except Exception:
+            return False
+        write_atomically(path, data)
+        return True
+
+    def _count(self, what: str) -> None:
+        with self._lock:
+            setattr(self, what, getattr(self, what) + 1)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so a reader sees the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_stores: dict[str, ExecutableStore] = {}
+_stores_lock = threading.Lock()
+
+
+def executable_store(cache_dir: str | None = None) -> ExecutableStore | None:
+    """The store under `cache_dir` (default: TERRA_CACHE_DIR), or None when unset."""
+    cache_dir = cache_dir if cache_dir is not None else os.environ.get("TERRA_CACHE_DIR", "")
+    if not cache_dir.strip():
+        return None
+    directory = str(Path(cache_dir).expanduser() / "executables")
+    with _stores_lock:
+        store = _stores.get(directory)
+        if store is None:
+            store = _stores[directory] = ExecutableStore(directory)
+        return store

@@ -1,0 +1,99 @@
+"""The persistent cache: with TERRA_CACHE_DIR set, a restarted job co-executes from its first step.
+
+    TERRA_CACHE_DIR=~/.cache/terra python train.py     # first run: records, compiles, saves
+    TERRA_CACHE_DIR=~/.cache/terra python train.py     # resumed: co-executes from step 1
+
+DIR/graphs/<key>.graph holds a step function's TraceGraph, saved each time a
+new graph version is compiled; DIR/executables/ its compiled segments (see
+runtime/executable_cache.py). The key names the step function (module,
+qualified name, file, bytecode) and what the graph depends on (JAX version,
+devices, process index, x64), so a stale graph is rarely loaded — and when it
+is (a callee changed), validation catches every difference: the step
+diverges, falls back to eager and learns the new path, as for any new path.
+
+Files are pickles (loading one runs code): keep the directory private.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import marshal
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import jax
+
+from runtime.executable_cache import write_atomically
+from terra.coexec import TerraWarning
+from terra.intercept import dump_ops, load_ops
+from terra.trace import TraceGraph
+
+FORMAT = 1  # bumped when what a saved graph holds changes
+
+
+class GraphStore:
+    """Where one step function's TraceGraph is saved and found again."""
+
+    def __init__(self, path: Path, name: str):
+        self.path = path
+        self.name = name
+        self.saved_version = -1     # TraceGraph.version last written
+        self.disabled = ""          # why this graph is not saved (set once, warned once)
+
+    def load(self) -> TraceGraph | None:
+        """The saved graph, or None (no file, or unreadable: then it is removed)."""
+        try:
+            data = self.path.read_bytes()
+        except OSError:
+            return None
+        try:
+            graph = load_ops(io.BytesIO(data))
+            if not isinstance(graph, TraceGraph):
+                raise TypeError(f"not a TraceGraph: {type(graph).__name__}")
+        except Exception as err:
+            warnings.warn(f"terra: ignoring the saved graph of {self.name!r} ({self.path}): "
+                          f"{err!r}; it is recorded again", TerraWarning, stacklevel=5)
+            self.path.unlink(missing_ok=True)
+            return None
+        self.saved_version = graph.version
+        return graph
+
+    def save(self, graph: TraceGraph) -> None:
+        """Write the graph if it changed since the last save (runs in the compile thread)."""
+        if self.disabled or graph.version == self.saved_version:
+            return
+        buffer = io.BytesIO()
+        try:
+            # Some ops hold Python functions (host callbacks, custom_vjp rules): not savable.
+            dump_ops(graph, buffer)
+            write_atomically(self.path, buffer.getvalue())
+        except Exception as err:
+            self.disabled = repr(err)
+            warnings.warn(f"terra: the graph of {self.name!r} is not saved in TERRA_CACHE_DIR: "
+                          f"{err}; a restarted job records it again", TerraWarning)
+            return
+        self.saved_version = graph.version
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def graph_store(fn: Callable, name: str) -> GraphStore | None:
+    """The store of step function `fn` under TERRA_CACHE_DIR; None when it is unset."""
+    cache_dir = os.environ.get("TERRA_CACHE_DIR", "")
+    if not cache_dir.strip():
+        return None
+    return GraphStore(Path(cache_dir).expanduser() / "graphs" / f"{_key(fn, name)}.graph", name)
+
+
+def _key(fn: Callable, name: str) -> str:
+    code = getattr(fn, "__code__", None)
+    identity = (FORMAT, name, getattr(fn, "__module__", ""), getattr(fn, "__qualname__", ""),
+                getattr(code, "co_filename", ""),
+                hashlib.sha256(marshal.dumps(code)).hexdigest() if code is not None else "",
+                jax.__version__, [(d.platform, d.device_kind, d.id) for d in jax.devices()],
+                jax.process_index(), jax.process_count(), jax.config.jax_enable_x64)
+    readable = "".join(c if c.isalnum() or c in "_-" else "_" for c in name)[:40]
+    return f"{readable}-{hashlib.sha256(repr(identity).encode()).hexdigest()[:24]}"
