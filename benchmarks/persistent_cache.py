@@ -52,6 +52,10 @@ def child(name: str, steps: int) -> None:
                       "coexecuted": stats.get("coexecuted", 0)}))
 
 
+def fmt(value, spec: str) -> str:
+    return "never" if value is None else format(value, spec)
+
+
 def measure(name: str, steps: int, cache_dir: str) -> dict:
     env = dict(os.environ, TERRA_CACHE_DIR=cache_dir, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(steps)],
@@ -64,7 +68,7 @@ def measure(name: str, steps: int, cache_dir: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--programs", nargs="+", default=list(DEFAULT_PROGRAMS))
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -95,12 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         ratio = (cold["seconds"] / warm["seconds"]
                  if cold["seconds"] and warm["seconds"] else None)
         row["cold_over_warm"] = ratio
-
-        def fmt(v, spec):
-            return "never" if v is None else format(v, spec)
+        ratio_text = "" if ratio is None else f"{ratio:.1f}x"
         print(f"{name:18} {fmt(cold['first_coexecuted_step'], '>10.0f')} {fmt(cold['seconds'], '>7.2f')} "
               f"{fmt(warm['first_coexecuted_step'], '>11.0f')} {fmt(warm['seconds'], '>7.2f')} "
-              f"{fmt(ratio, '>8.1f')}x  {warm['traced']:.0f}", flush=True)
+              f"{ratio_text:>9}  {warm['traced']:.0f}", flush=True)
         rows.append(row)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

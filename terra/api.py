@@ -251,7 +251,7 @@ class StepFunction:
                     compiled += 1
                 seg.executable = exe
             if store is not None:
-                store.save(graph)  # after compiling: lowering ran every custom_jvp rule it needs
+                store.save(graph, program.version)  # lowering ran every custom_jvp rule it needs
             if telemetry is not None:
                 telemetry.slice(COMPILE, self.telemetry_name, 0, start, {
                     "version": program.version, "segments": len(program.segments),

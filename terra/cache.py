@@ -60,14 +60,21 @@ class GraphStore:
         self.saved_version = graph.version
         return graph
 
-    def save(self, graph: TraceGraph) -> None:
-        """Write the graph if it changed since the last save (runs in the compile thread)."""
-        if self.disabled or graph.version == self.saved_version:
+    def save(self, graph: TraceGraph, compiled_version: int) -> None:
+        """Write the graph as compiled (runs in the compile thread, after compiling).
+
+        Only if it is still the version whose segments were just compiled: a
+        restart then finds every executable of the graph it loads.
+        """
+        if (self.disabled or compiled_version == self.saved_version
+                or graph.version != compiled_version):
             return
         buffer = io.BytesIO()
         try:
             # Some ops hold Python functions (host callbacks, custom_vjp rules): not savable.
             dump_ops(graph, buffer)
+            if graph.version != compiled_version:
+                return  # Python changed it meanwhile; the next compile saves it
             write_atomically(self.path, buffer.getvalue())
         except Exception as err:
             self.disabled = repr(err)
