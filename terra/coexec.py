@@ -26,9 +26,9 @@ from terra.telemetry import events
 from terra.autodiff import GRAD, GradSpec, apply_gradient_op, external_inputs
 from terra.generate import ARG_IN, ENV, LIVE, Program, Segment
 from terra.intercept import (
-    GradCall, Placeholder, TerraTrace, aval_of, check_gradient_output, copy_value, eager,
-    eval_primitive, frozen_copy, has_host_effect, local_value, placement_of, user_frame,
-    user_location,
+    GradCall, Placeholder, TerraTrace, aval_of, check_gradient_output, copy_value,
+    dispatch_context, eager, eval_primitive, frozen_copy, has_host_effect, local_value,
+    operand_value, placement_of, user_frame, user_location,
 )
 from terra.trace import (
     ARG, DATA, FEED, FEED_REF, NODE, GraphNode, Op, Recording, feed_token, params_equal, placements,
@@ -124,17 +124,21 @@ class StepRun:
             return None
         if self.graph.loaded:
             self.graph.met_live_op(child, params)
+        return self._enter_validated(trace, child, args)
+
+    def _enter_validated(self, trace, child: GraphNode, args):
+        """`child` is the op Python applied: check its feeds, then enter it (None: diverged)."""
+        op, pos = child.op, child.pos
         if child not in self.program.members:
-            self._diverge(f"{prim.name} follows a path the current graph does not cover yet")
+            self._diverge(f"{op.prim.name} follows a path the current graph does not cover yet")
             return None
-        pos = child.pos
         if op.feed_slots:
             # The program was built with these values: check Python's match.
             predicted = self.program.predictions.get(child, ())
             for k, token in predicted:
                 if not tokens_equal(token, feed_token(args[k])):
                     self.graph.mark_varying(child, k)
-                    self._diverge(f"a feed to {prim.name} changed value (now fed live)")
+                    self._diverge(f"a feed to {op.prim.name} changed value (now fed live)")
                     return None
             self.rec.feeds[pos] = tuple(frozen_copy(args[k]) for k in op.feed_slots)
             self.stats.feeds += len(op.feed_slots)
@@ -143,6 +147,88 @@ class StepRun:
                 self.telemetry.instant(events.FEED, self.name, self.step,
                                        {"op": op.label, "values": len(op.feed_slots) - len(predicted)})
         return self._enter_node(trace, child, args)
+
+    # -- operators (intercept.OPERATORS) ------------------------------------------
+    def replay_operator(self, name: str, values: tuple) -> Any:
+        """COEXEC: enter the node this operator produced before, without running JAX.
+
+        Only when the node was recorded from the same operator on operands of
+        the same origins and avals, with equal baked-in values, in the same
+        dispatch context: then jnp's operator would apply exactly this op.
+        None: run the operator the usual way (it is validated as any op).
+        """
+        if self.mode != COEXEC or not self.active:
+            return None
+        for child in self.node.children:
+            via = child.op.via
+            if via is not None and via[0] == name:
+                break
+        else:
+            return None
+        _, mapping, statics, context, out = via
+        for i, value in statics:
+            x = values[i]
+            if type(x) is not type(value) or x != value:
+                return None
+        args = [operand_value(values[i]) for i in mapping]
+        if any(x is None for x in args) or not self._inputs_match(child.op, args):
+            return None
+        if context != dispatch_context():
+            return None
+        try:
+            outs = self._enter_validated(values[0]._trace, child, args)
+        except Exception as err:  # Terra's own failure: the operator runs eagerly
+            self.internal_failure(err, "replaying an operator")
+            return None
+        if outs is None:
+            return None
+        self.stats.operators_replayed += 1
+        return outs[out] if child.op.multiple_results else outs
+
+    def operator_mark(self) -> int:
+        """Where the ops an operator is about to record will start (-1: not recording)."""
+        return len(self.rec.ops) if self.active and self.mode in (TRACING, FALLBACK) else -1
+
+    def note_operator(self, mark: int, name: str, values: tuple, result: Any) -> None:
+        """An operator recorded ops from `mark` on: tag the op if it was exactly one
+        and the operator returned one of its outputs."""
+        if mark < 0 or not self.active or len(self.rec.ops) != mark + 1:
+            return
+        op = self.rec.ops[mark]
+        if (op.host_effect or op.prim is GRAD or type(result) is not Placeholder
+                or result._run is not self or result._pos != mark):
+            return
+        mapping: list[int] = []
+        for kind, a, b in op.inputs:
+            j = self._operand_of_input(kind, a, b, values, mapping)
+            if j is None:
+                return
+            mapping.append(j)
+        statics = []
+        for j, x in enumerate(values):
+            if j not in mapping:
+                if type(x) not in (bool, int, float, complex):
+                    return  # some other operand shaped the op: never replayed
+                statics.append((j, x))
+        op.via = (name, tuple(mapping), tuple(statics), dispatch_context(), result._out)
+
+    def _operand_of_input(self, kind: int, a, b, values: tuple, taken: list) -> int | None:
+        """Which operand an op input was (None: none of them, untaggable)."""
+        for j, x in enumerate(values):
+            if j in taken:
+                continue
+            own = type(x) is Placeholder and x._run is self
+            if kind == NODE:
+                if own and x._pos == a and x._out == b:
+                    return j
+            elif kind == ARG:
+                if x is self.args[a]:
+                    return j
+            elif kind == FEED and not own and id(x) not in self.arg_ids:
+                v = operand_value(x)
+                if v is not None and aval_of(v) == a:
+                    return j
+        return None
 
     def _enter_node(self, trace, child: GraphNode, args):
         """Python reached `child`: dispatch what became ready, return placeholders."""

@@ -42,6 +42,9 @@ class Handler(Protocol):
     def fetch(self, placeholder: "Placeholder") -> Any: ...
     def in_region(self) -> bool: ...
     def differentiate(self, grad_call: "GradCall", args: tuple, kwargs: dict) -> Any: ...
+    def replay_operator(self, name: str, values: tuple) -> Any: ...
+    def operator_mark(self) -> int: ...
+    def note_operator(self, mark: int, name: str, values: tuple, result: Any) -> None: ...
 
 
 class TerraTrace(core.Trace):
@@ -234,6 +237,61 @@ class Placeholder(core.Tracer):
     global_shards = property(lambda self: self.fetch().global_shards)
     is_fully_addressable = property(lambda self: self.fetch().is_fully_addressable)
     is_fully_replicated = property(lambda self: self.fetch().is_fully_replicated)
+
+
+# -- operators: replayed from the graph while co-executing -------------------
+# `x + y` on placeholders runs jnp's operator Python, a nested jit's Python
+# path and validation: ~40 us. When the TraceGraph recorded that this operator,
+# on operands of these origins and avals, produced exactly the expected op, the
+# co-executing step enters that node directly (see coexec.StepRun.replay_operator).
+OPERATORS = ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+             "__truediv__", "__rtruediv__", "__floordiv__", "__mod__", "__matmul__",
+             "__rmatmul__", "__pow__", "__rpow__", "__neg__", "__abs__",
+             "__lt__", "__le__", "__gt__", "__ge__")
+
+
+def _operator(name: str) -> Callable:
+    jax_operator = getattr(core.Tracer, name)
+
+    def operator(self, *operands):
+        if core.trace_ctx.trace is not self._trace:  # after its step, or on another thread
+            return jax_operator(self, *operands)
+        run, values = self._run, (self, *operands)
+        out = run.replay_operator(name, values)
+        if out is not None:
+            return out
+        mark = run.operator_mark()
+        result = jax_operator(self, *operands)
+        run.note_operator(mark, name, values, result)
+        return result
+    operator.__name__ = name
+    return operator
+
+
+for _name in OPERATORS:
+    setattr(Placeholder, _name, _operator(_name))
+
+_SCALARS = (bool, int, float, complex)
+
+
+def operand_value(x: Any) -> Any:
+    """An operator's operand as JAX's jit receives it; None if the replay cannot tell."""
+    if type(x) is Placeholder:
+        return x
+    if isinstance(x, _SCALARS) or (isinstance(x, (np.ndarray, np.generic))
+                                   and not isinstance(x, core.Tracer)):
+        try:
+            return dtypes.canonicalize_value(x)
+        except Exception:
+            return None  # the operator raises: eager's path says how
+    if isinstance(x, jax.Array) and not isinstance(x, core.Tracer):
+        return x
+    return None
+
+
+def dispatch_context() -> tuple:
+    """What jnp's operators depend on besides their operands (config, mesh)."""
+    return config.trace_context(), pjit.get_ctx_mesh(False)
 
 
 # `core.concrete_or_error` is how jnp asks for a value it must have (item(),

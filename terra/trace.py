@@ -48,6 +48,11 @@ class Op:
     # all are None, as on a single device.
     placements: tuple = ()
     out_placements: tuple = ()
+    # Set when one operator call (`x + y`) produced exactly this op and returned
+    # one of its outputs: (operator name, operand index per input, (operand
+    # index, value) of operands JAX baked into params, dispatch context, the
+    # output returned). Not part of the op key.
+    via: tuple | None = None
 
     @property
     def label(self) -> str:

@@ -854,6 +854,45 @@ def test_python_float_learning_rate_is_data(how):
     assert res.stats.compiles <= max_compiles, res.describe()
 
 
+# ------------------------------------------ operators replayed from the graph
+
+
+@pytest.mark.parametrize("change", ["none", "exponent", "scalar_type", "rank_promotion"])
+def test_operators_replayed_only_when_they_would_apply_the_same_op(change):
+    """`x + y`, `2.0 * x`, `x ** k`... are entered from the graph when co-executing;
+    a change that makes jnp apply another op (a new exponent, an int where a float
+    was, a config that rejects broadcasting) must run the operator for real."""
+    def program(wrap, steps):
+        params = init_mlp()
+        x, y = make_data()
+
+        @wrap
+        def step(params, i):
+            loss, grads = jax.value_and_grad(mse)(params, x, y)
+            k = 3 if change == "exponent" and i >= 6 else 2
+            scale = 1 if change == "scalar_type" and i >= 6 else 1.0
+            new = jax.tree.map(lambda p, g: p - 0.1 * g + 1e-4 * (-p) ** k * scale, params, grads)
+            strict = change == "rank_promotion" and i >= 6
+            with jax.numpy_rank_promotion("raise" if strict else "allow"):
+                try:
+                    print("broadcast", (new[0]["w"] + new[0]["b"]).shape)
+                except ValueError as err:
+                    print("rank promotion:", type(err).__name__)
+            print(f"step {i}: {float(loss):.5f}", loss < 0.5, abs(loss - 1.0) / 2)
+            return new, loss
+
+        losses = []
+        for i in range(steps):
+            params, loss = step(params, i)
+            losses.append(loss)
+        return params, losses
+
+    res = differential(program, steps=STEPS, min_coexecuted=5)
+    assert res.stats.operators_replayed >= 5 * 20, res.describe()
+    if change in ("exponent", "scalar_type"):  # another op: the step diverged once
+        assert res.stats.divergences >= 1, res.describe()
+
+
 # -------------------------------------------------- placeholders escaping the step
 
 
