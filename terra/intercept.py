@@ -655,7 +655,7 @@ def user_location(skip: tuple[str, ...] = ()) -> str:
 
 
 # -- persistence: recorded ops in a file (terra/cache.py) ---------------------
-# Recorded ops pickle by value, except for three kinds of JAX objects:
+# Recorded ops pickle by value, except for these JAX objects:
 # - module-level objects (primitives, markers such as UNSPECIFIED) are
 #   compared by identity, so they are saved by name and come back as the same
 #   object;
