@@ -55,8 +55,14 @@ class TerraTrace(core.Trace):
     def process_primitive(self, prim, tracers, params, /):
         return self.handler.apply(self, prim, tracers, params)
 
+    # `jnp.asarray(host_array)` lands here. Eager execution makes it a device
+    # array; so must we: handed back as numpy, the user's next ops would run in
+    # NumPy (not eager's semantics, no `.at`) and a data batch derived from it
+    # would reach the graph looking like a constant Python value.
     def stage_value(self, val):
-        return val
+        if isinstance(val, (core.Tracer, jax.Array)):
+            return val
+        return self.process_primitive(core.stage_p, (val,), {})
 
     # Call-like and custom-derivative primitives are inlined: their bodies bind
     # ordinary primitives, which come back here one by one. `bind` has already
