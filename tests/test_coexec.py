@@ -263,6 +263,41 @@ def test_compilation_never_stalls_python(monkeypatch):
     assert step.stats().coexecuted > 0
 
 
+def test_wait_for_graph_covers_paths_learned_while_compiling(monkeypatch):
+    """A path first taken while the first graph compiles is in the graph that
+    `wait_for_graph` leaves in use: its next step co-executes, no fallback."""
+    monkeypatch.setenv("TERRA_SYNC_COMPILE", "0")
+    real_compile = generate.compile_segment
+    release = threading.Event()
+
+    def held_compile(seg, executor):
+        release.wait(30)
+        return real_compile(seg, executor)
+
+    monkeypatch.setattr(generate, "compile_segment", held_compile)
+
+    def body(w, x):
+        return w - 0.1 * jnp.mean(jnp.tanh(x @ w[:, None])) * w
+
+    step = terra.function(body)
+    w_t = w_e = jnp.ones(4)
+    rng = np.random.RandomState(0)
+    widths = [8, 8, 16]             # the graph of path 8 is compiling when path 16 is taken
+    widths += [8, 16, 16, 8]        # ... then both co-execute
+    for i, n in enumerate(widths):
+        x = rng.normal(size=(n, 4)).astype(np.float32)
+        w_t, w_e = step(w_t, x), body(w_e, x)
+        if i == 2:
+            release.set()
+            assert step.wait_for_graph(30)
+            assert step.stats().traced == 3 and step.stats().paths == 2
+        np.testing.assert_allclose(np.asarray(w_t), np.asarray(w_e), rtol=1e-5,
+                                   err_msg=f"step {i}")
+    stats = step.stats()
+    assert stats.coexecuted == 4 and stats.fallbacks == 0, stats
+    assert stats.compiles == 2, stats
+
+
 def test_graph_runs_ahead_of_python():
     """The segment is dispatched when its inputs exist: a fetch after slow Python does not wait."""
     a = jnp.asarray(np.random.RandomState(0).normal(size=(256, 256)).astype(np.float32) / 16)
