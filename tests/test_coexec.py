@@ -138,6 +138,38 @@ def test_new_branch_diverges_falls_back_and_is_learned():
     assert stats.paths == 2, stats
 
 
+def test_new_path_compiles_only_its_own_segments():
+    """Learning a new path regenerates the graph, but the segments of the paths
+    it already had are the same computations: their executables are reused."""
+    def program(wrap, steps):
+        rng = np.random.RandomState(0)
+
+        @wrap
+        def step(w, x):
+            loss, g = jax.value_and_grad(lambda w: jnp.mean(jnp.tanh(x @ w) ** 2))(w)
+            return w - 0.1 * g, loss
+
+        w, losses = jnp.ones((4, 3)), []
+        for i in range(steps):
+            n = (4, 8, 12)[min(i // 4, 2)]        # a new batch size (path) every 4 steps
+            w, loss = step(w, rng.normal(size=(n, 4)).astype(np.float32))
+            losses.append(loss)
+            wrap.note("stats", wrap.stats())
+        return w, losses
+
+    res = differential(program, steps=12, min_coexecuted=6)
+    compiled_by = {}                        # compile count -> segments compiled so far
+    for h in res.history:
+        if h["compiles"]:
+            compiled_by[h["compiles"]] = h["segments_compiled"]
+    assert sorted(compiled_by) == [1, 2, 3] and res.stats.paths == 3, res.describe()
+    first = compiled_by[1]
+    # The step's first op (copying w to differentiate it) does not depend on x: it
+    # is a segment of its own, shared by all paths; each path adds one segment.
+    assert first == 2, res.describe()
+    assert compiled_by[2] - compiled_by[1] == 1 and compiled_by[3] - compiled_by[2] == 1
+
+
 def test_placeholder_kept_after_divergence_and_across_steps():
     """Intermediate values held by Python stay resolvable after a fallback."""
 
