@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _thread
 import functools
+import json
 import threading
 import time
 import warnings
@@ -409,6 +410,98 @@ def test_other_autodiff_entry_points(kind):
         return (w, b), losses
 
     differential(program, steps=8)
+
+
+@pytest.mark.parametrize("has_aux", [False, True])
+def test_vjp_pullback_is_one_gradient_op(has_aux, tmp_path):
+    """`jax.vjp` with its predictions fetched to numpy in the middle, then the
+    pullback (the YOLO pattern): f's primal ops run, and each pullback call is
+    one gradient op, as for `jax.grad`; no fallbacks."""
+    def program(wrap, steps):
+        x, y = linear_data()
+
+        def forward(w, b):
+            pred = jnp.tanh(x @ w) + b
+            return (pred, {"mean": jnp.mean(pred)}) if has_aux else pred
+
+        @wrap
+        def step(w, b):
+            pred, pullback, *aux = jax.vjp(forward, w, b, has_aux=has_aux)
+            target = np.sign(np.asarray(pred)) * np.abs(np.asarray(y))    # host work on it
+            loss, g = jax.value_and_grad(lambda p: jnp.mean((p - target) ** 2))(pred)
+            gw, gb = pullback(g)
+            return w - 0.1 * gw, b - 0.1 * gb, loss, aux
+
+        w, b, losses = jnp.zeros(4) + 0.1, jnp.float32(0.0), []
+        for _ in range(steps):
+            w, b, loss, aux = step(w, b)
+            losses.append((loss, aux))
+        return (w, b), losses
+
+    path = str(tmp_path / "trace.json")
+    with terra.timeline(path):
+        res = differential(program, steps=8)
+    assert res.stats.fallbacks == 0, res.describe()
+    recorded = [e["args"]["op"] for e in json.load(open(path)) if e.get("cat") == "record"]
+    # value_and_grad's and the pullback's: one gradient op each per traced step,
+    # and none of the ops JAX's linearize and transpose would have recorded
+    assert recorded.count("terra_grad") == 2 * res.stats.traced, recorded
+    assert "transpose" not in recorded and not any("jvp" in op for op in recorded), recorded
+
+
+@pytest.mark.parametrize("use", ["twice", "after_the_step", "numpy_cotangent", "constant_output",
+                                 "wrong_cotangent", "integer_primal", "inside_grad"])
+def test_vjp_pullback_behaves_as_in_eager(use):
+    def program(wrap, steps):
+        x, y = linear_data()
+        printed = []
+
+        def f(w, b):
+            out = jnp.tanh(x @ w) + b
+            return (out, jnp.ones(3)) if use == "constant_output" else out
+
+        @wrap
+        def step(w, b, n):
+            if use == "integer_primal":
+                out, pullback = jax.vjp(lambda w, n: f(w, b) * n, w, n)
+                gw, _ = pullback(jnp.ones_like(out))
+                return w - 0.01 * gw, b, None
+            out, pullback = jax.vjp(f, w, b)
+            if use == "after_the_step":
+                return w, b, pullback
+            if use == "twice":
+                gw, gb = pullback(out - y)
+                gw2, _ = pullback(jnp.ones_like(out))
+                gw = gw + 0.1 * gw2
+            elif use == "numpy_cotangent":
+                gw, gb = pullback(np.asarray(out) - np.asarray(y, np.float64))
+            elif use == "constant_output":
+                gw, gb = pullback((out[0] - y, jnp.ones(3)))
+            elif use == "wrong_cotangent":
+                try:
+                    pullback(jnp.ones(3))
+                except ValueError as err:
+                    printed.append(str(err).splitlines()[0])
+                gw, gb = pullback(out - y)
+            else:   # the pullback differentiated again, by a grad taken after it
+                def scaled(s):
+                    gw, gb = pullback(s * (out - y))
+                    return jnp.sum(gw ** 2) + gb ** 2
+                ds = jax.grad(scaled)(jnp.float32(1.0))
+                gw, gb = pullback((1.0 + 0.01 * ds) * (out - y))
+            return w - 0.01 * gw, b - 0.01 * gb, None
+
+        w, b = jnp.zeros(4) + 0.1, jnp.float32(0.0)
+        for i in range(steps):
+            w, b, pullback = step(w, b, jnp.int32(2))
+            if pullback is not None:    # called after the step returned
+                gw, gb = pullback(jnp.ones((16,)))
+                w, b = w - 0.01 * gw, b - 0.01 * gb
+        return (w, b), printed
+
+    res = differential(program, steps=8)
+    if use == "wrong_cotangent":
+        assert "unexpected JAX type" in res.terra.side_effects[0]
 
 
 def test_prediction_checked_against_the_program_in_use(monkeypatch):
