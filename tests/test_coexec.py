@@ -108,6 +108,24 @@ def test_grad_of_non_scalar_raises_like_eager():
     differential(program, steps=6)
 
 
+def test_grad_of_a_value_computed_before_the_function_is_zero():
+    """The differentiated function returns a value of the step computed before it."""
+    def program(wrap, steps):
+        @wrap
+        def step(w):
+            c = jnp.sum(w * 2.0)
+            g = jax.grad(lambda v: c)(w)        # does not depend on v: zeros
+            return w - 0.1 * (g + 1.0), c
+
+        w, cs = jnp.ones(3), []
+        for _ in range(steps):
+            w, c = step(w)
+            cs.append(c)
+        return w, cs
+
+    differential(program, steps=6)
+
+
 # -- divergence, fallback, new paths ----------------------------------------------
 
 def test_new_branch_diverges_falls_back_and_is_learned():
