@@ -95,10 +95,23 @@ class StepFunction:
         return self._stats
 
     def wait_for_graph(self, timeout: float | None = None) -> bool:
-        """Block until a graph compiling in the background is in use (benchmarks).
+        """Block until the graph in use covers every path learned so far (benchmarks).
 
+        Also generates that graph if the steps since the last compile taught new
+        paths: otherwise a path learned while a compile was in flight would wait
+        for the end of the next step to be compiled.
         Returns whether the next call will co-execute.
         """
+        self._wait_for_pending(timeout)
+        if self._pending is None and self._graph.paths() and self._program_is_stale():
+            try:
+                self._maybe_generate(grew=False)
+            except Exception as err:
+                self._internal_failure(err, "generating a graph")
+            self._wait_for_pending(timeout)
+        return self._program is not None and not self._stats.gave_up
+
+    def _wait_for_pending(self, timeout: float | None) -> None:
         pending = self._pending
         if pending is not None:
             try:
@@ -106,7 +119,12 @@ class StepFunction:
             except Exception:
                 pass  # reported by the next call, under the failure policy
             self._adopt_compiled_program()
-        return self._program is not None and not self._stats.gave_up
+
+    def _program_is_stale(self) -> bool:
+        """The TraceGraph learned something the program in use was not built from."""
+        program = self._program
+        return not self._stats.gave_up and (program is None
+                                            or program.version != self._graph.version)
 
     def __call__(self, *args, **kwargs):
         nested = getattr(_active, "run", None) is not None
@@ -218,16 +236,13 @@ class StepFunction:
     # -- graph generation, always off the Python thread's critical path ------
     def _maybe_generate(self, grew: bool) -> None:
         """Regenerate once the TraceGraph changed and the last step added no new ops."""
-        program = self._program
         if self._graph.paths() > self._max_paths:
             self._give_up(f"it took {self._graph.paths()} different paths "
                           f"(max_paths={self._max_paths}): shapes or Python values that decide "
                           "the path keep changing; last change: "
                           f"{self._stats.last_divergence or 'new paths while tracing'}")
             return
-        if grew or self._pending is not None:
-            return
-        if program is not None and program.version == self._graph.version:
+        if grew or self._pending is not None or not self._program_is_stale():
             return
         if self._stats.compiles >= self._max_graphs:
             self._give_up(f"its TraceGraph changed {self._stats.compiles} times "

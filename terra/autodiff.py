@@ -1,18 +1,19 @@
 """Autodiff elision: a gradient is one op of the trace, not hundreds.
 
-When a step calls `jax.value_and_grad(f)` / `jax.grad(f)`, Terra runs only
-f's primal Python (its side effects and validation still happen) and records
-one *gradient op* after f's ops. The gradient op is evaluated by replaying
+When a step calls `jax.value_and_grad(f)` / `jax.grad(f)` / `jax.vjp(f)`,
+Terra runs only f's primal Python (its side effects and validation still
+happen) and records one *gradient op*: for grad right after f's ops, for vjp
+each time the pullback is called. The gradient op is evaluated by replaying
 f's recorded primal ops under `jax.vjp` — eagerly while tracing, and inside
 the generated segment when co-executing — so the primal op sequence
 determines the backward pass and JAX's linearize/transpose machinery never
 runs in the Python skeleton.
 
-A region's ops are those recorded between the region's start and its gradient
-op; regions do not nest (a grad inside f runs JAX's own autodiff, recorded as
-ordinary ops of the region). The gradient op's inputs are the differentiated values (fresh copies of the
-`argnums` leaves, made at the region's start) followed by every value the
-region reads from outside itself.
+A region's ops are those recorded while f runs; regions do not nest (a grad
+inside f runs JAX's own autodiff, recorded as ordinary ops of the region).
+The gradient op's inputs are the cotangents (vjp only: grad seeds ones), the
+differentiated values (fresh copies of the differentiated leaves, made at the
+region's start), then every value the region reads from outside itself.
 """
 from __future__ import annotations
 
@@ -47,13 +48,14 @@ class GradSpec:
     """What a gradient op differentiates. Equality ignores `ops` (values recorded per step)."""
 
     start: int                 # position of the region's first op
-    end: int                   # position of the gradient op itself
+    end: int                   # position after the region's last op
     diff: tuple                # ValueKeys of the differentiated inputs (the copies)
-    out: tuple                 # ValueKey of the scalar being differentiated
+    outs: tuple                # ValueKeys of the differentiated outputs
+    seeded: bool               # the cotangents are inputs (vjp); else ones (grad)
     ops: tuple = field(default=())  # ((pos, Op), ...) the region's ops, for replay
 
     def key(self) -> tuple:
-        return (self.start, self.end, self.diff, self.out)
+        return (self.start, self.end, self.diff, self.outs, self.seeded)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, GradSpec) and self.key() == other.key()
@@ -85,8 +87,8 @@ def external_inputs(spec: GradSpec) -> list:
     return list(seen)
 
 
-def gradient(spec: GradSpec, diff_values: list, external: Callable[[tuple], Any]) -> list:
-    """d(out)/d(diff) by replaying the region's primal ops under `jax.vjp`.
+def replay(spec: GradSpec, external: Callable[[tuple], Any]) -> Callable:
+    """The region as a function: diff values -> its outputs (`spec.outs`).
 
     `external(inp)` returns the value of an external input (see
     `external_inputs`). Works on concrete arrays (eagerly) and inside jit.
@@ -109,16 +111,24 @@ def gradient(spec: GradSpec, diff_values: list, external: Callable[[tuple], Any]
             outs = out if op.multiple_results else (out,)
             for o, v in enumerate(outs):
                 env[(pos, o)] = v
-        return env[spec.out]
+        return tuple(env[key] for key in spec.outs)
 
-    value, pullback = jax.vjp(primal, *diff_values)
-    return list(pullback(jnp.ones_like(value)))
+    return primal
 
+
+def gradient(spec: GradSpec, diff_values: list, external: Callable[[tuple], Any],
+             cotangents: list | None = None) -> list:
+    """The region's vjp at `diff_values`, seeded with `cotangents` (grad: ones)."""
+    values, pullback = jax.vjp(replay(spec, external), *diff_values)
+    if cotangents is None:
+        cotangents = [jnp.ones_like(v) for v in values]
+    return list(pullback(tuple(cotangents)))
 
 
 def apply_gradient_op(op, vals: list) -> list:
-    """Evaluate a gradient op on its input values (diff values, then externals)."""
+    """Evaluate a gradient op on its input values (cotangents, diff values, externals)."""
     spec = op.params["spec"]
-    n = len(spec.diff)
+    k = len(spec.outs) if spec.seeded else 0
+    n = k + len(spec.diff)
     external = dict(zip(op.inputs[n:], vals[n:]))
-    return gradient(spec, vals[:n], external.__getitem__)
+    return gradient(spec, vals[k:n], external.__getitem__, vals[:k] if spec.seeded else None)

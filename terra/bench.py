@@ -10,11 +10,16 @@ printed log and final parameters equal eager's within float tolerance (over
 `CHECK_STEPS` steps; terra also on every timed round); a mode that raises or
 differs *fails*, with the exception and a category.
 
-Timing: a first round of each mode warms up (and is the correctness run);
-then rounds of `steps` steps are run mode after mode, interleaved. A round's
-step time is its wall time from the end of its first step until the final
-parameters are computed, divided by the steps; a mode's step time is the
-median over rounds.
+Timing measures the steady state. Warm-up, untimed: the correctness run, and
+if a timed round is longer, one more round as long as a timed round; then
+terra waits for its graph to cover every path the warm-up took (its time to
+the first co-executed step is reported separately). Every program runs the same
+data in every round, so the timed rounds take paths the graph knows. Then rounds
+of `steps` steps are run mode after mode, interleaved. A round's step time is
+its wall time from the end of its first step until the final parameters are
+computed, divided by the steps; a mode's step time is the median over rounds.
+The co-exec column counts timed steps that co-executed to their end (a step
+that diverged and fell back to eager is not one).
 """
 from __future__ import annotations
 
@@ -294,6 +299,13 @@ def bench_program(name: str, path: Path, steps: int, rounds: int, progress) -> P
 
     # Timed rounds, modes interleaved; a failing mode is not timed.
     timed = ["eager"] + [m for m in ("jit", "terra") if getattr(result, f"{m}_correct")]
+    if steps > check_steps:   # warm up on all the data a timed round sees
+        for mode in timed:
+            progress(name, f"{mode} (warm-up)")
+            if mode == "terra":
+                run_terra(steps, wait=True)
+            else:
+                run_once(module, wraps[mode], steps)
     per_mode: dict[str, list] = {m: [] for m in timed}
     before = wraps["terra"].terra_stats()
     for r in range(rounds):
@@ -317,9 +329,9 @@ def bench_program(name: str, path: Path, steps: int, rounds: int, progress) -> P
         if result.jit_ms:
             result.terra_vs_jit = result.jit_ms / result.terra_ms
         delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-        result.coexecuted_steps = int(delta.get("coexecuted", 0))
-        result.measured_steps = int(delta.get("steps", 0))     # step-function calls
         result.fallbacks = int(delta.get("fallbacks", 0))
+        result.coexecuted_steps = int(delta.get("coexecuted", 0)) - result.fallbacks
+        result.measured_steps = int(delta.get("steps", 0))     # step-function calls
         if delta.get("coexecuted"):
             python_s = delta["step_seconds"] - delta["wait_seconds"]
             result.skeleton_ms = 1e3 * python_s / delta["coexecuted"]

@@ -13,6 +13,7 @@ A `StepRun` is the handler of one step's `TerraTrace`. It is in one mode:
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 import warnings
@@ -23,12 +24,12 @@ import numpy as np
 
 from runtime.executor import RemoteValue, TerraExecutorError, wait
 from terra.telemetry import events
-from terra.autodiff import GRAD, GradSpec, apply_gradient_op, external_inputs
+from terra.autodiff import GRAD, GradSpec, apply_gradient_op, external_inputs, replay
 from terra.generate import ARG_IN, ENV, LIVE, Program, Segment
 from terra.intercept import (
-    GradCall, Placeholder, TerraTrace, aval_of, check_gradient_output, copy_value,
-    dispatch_context, eager, eval_primitive, frozen_copy, has_host_effect, local_value,
-    operand_value, placement_of, user_frame, user_location,
+    GradCall, Placeholder, TerraTrace, VjpCall, aval_of, check_gradient_output, copy_value,
+    current_handler, dispatch_context, eager, eval_primitive, frozen_copy, has_host_effect,
+    local_value, operand_value, placement_of, user_frame, user_location,
 )
 from terra.trace import (
     ARG, DATA, FEED, FEED_REF, NODE, GraphNode, Op, Recording, feed_token, params_equal, placements,
@@ -52,15 +53,25 @@ class TerraWarning(UserWarning):
 
 
 class Region:
-    """A function being differentiated by `jax.grad` with autodiff elision."""
+    """A function being differentiated by `jax.grad` or `jax.vjp` with autodiff elision."""
 
-    __slots__ = ("start", "diff", "open", "captured")
+    __slots__ = ("start", "end", "diff", "open", "captured")
 
     def __init__(self, start: int, diff: tuple):
         self.start = start          # position of the region's first op
+        self.end = start            # position after its last op, once closed
         self.diff = diff            # ValueKeys of the differentiated copies
         self.open = True
         self.captured: dict = {}    # external input -> value, seen by eager ops
+
+    def computed(self, x: Any) -> bool:
+        """Whether placeholder `x` is a value of the region (what it can differentiate)."""
+        key = (x._pos, x._out)
+        return key in self.diff or self.start <= key[0] < self.end
+
+    def spec(self, outs: tuple, seeded: bool, ops: list) -> GradSpec:
+        return GradSpec(self.start, self.end, self.diff, outs, seeded,
+                        tuple((p, ops[p]) for p in range(self.start, self.end)))
 
 
 class StepRun:
@@ -392,27 +403,16 @@ class StepRun:
     def differentiate(self, call: GradCall, args: tuple, kwargs: dict) -> Any:
         """`jax.grad(f)(*args)`: run f's primal ops, then one gradient op."""
         argnums = (call.argnums,) if isinstance(call.argnums, int) else tuple(call.argnums)
-        if (self.region is not None or self.mode == PASSTHROUGH or not self.active
-                or not argnums or max(argnums) >= len(args)):
+        if not self._can_elide() or not argnums or max(argnums) >= len(args):
             return call.original(*args, **kwargs)
         leaves, treedef = jax.tree.flatten([args[i] for i in argnums])
-        if not leaves or not all(_differentiable(x) for x in leaves):
+        copies = self._differentiable_copies(leaves)
+        if copies is None:
             return call.original(*args, **kwargs)
-        copies = [copy_value(x) for x in leaves]
-        if not all(type(c) is Placeholder and c._run is self for c in copies):
-            return call.original(*args, **kwargs)
-        region = Region(len(self.rec.ops), tuple((c._pos, c._out) for c in copies))
-        for c in copies:
-            c._region = region
         new_args = list(args)
         for i, tree in zip(argnums, jax.tree.unflatten(treedef, copies)):
             new_args[i] = tree
-        self.region = region
-        try:
-            out = call.fun(*new_args, **kwargs)
-        finally:
-            region.open = False
-            self.region = None
+        region, out = self._run_region(copies, call.fun, new_args, kwargs)
         if call.has_aux:
             if not (isinstance(out, (tuple, list)) and len(out) == 2):
                 raise TypeError("value_and_grad with has_aux=True requires the function to "
@@ -421,9 +421,9 @@ class StepRun:
         else:
             value, aux = out, None
         check_gradient_output(value)
-        if type(value) is Placeholder and value._run is self and self.mode != PASSTHROUGH:
-            grads = self._gradient_op(region, (value._pos, value._out), copies)
-        else:  # the output does not depend on anything traced in this step
+        if self._owns(value) and region.computed(value) and self.mode != PASSTHROUGH:
+            grads = self._gradient_op(region, ((value._pos, value._out),), None, copies)
+        else:  # the output does not depend on the differentiated values
             grads = [jax.numpy.zeros_like(c) for c in copies]
         trees = jax.tree.unflatten(treedef, grads)
         g = trees[0] if isinstance(call.argnums, int) else tuple(trees)
@@ -431,27 +431,80 @@ class StepRun:
             return ((value, aux), g) if call.has_aux else (value, g)
         return (g, aux) if call.has_aux else g
 
-    def _gradient_op(self, region: Region, out_key: tuple, copies: list) -> list:
+    def vjp(self, call: VjpCall, primals: tuple) -> Any:
+        """`jax.vjp(f, *primals)`: run f's primal ops; each pullback call is one gradient op."""
+        leaves, treedef = jax.tree.flatten(primals)
+        copies = self._differentiable_copies(leaves) if self._can_elide() else None
+        if copies is None:
+            return call.original(call.fun, *primals, has_aux=call.has_aux)
+        region, out = self._run_region(copies, call.fun, jax.tree.unflatten(treedef, copies), {})
+        aux = None
+        if call.has_aux:
+            if not (isinstance(out, (list, tuple)) and len(out) == 2):
+                raise TypeError("expected function with aux output to return a two-element "
+                                f"tuple, but got type {type(out)} with value {out!r}")
+            out, aux = out
+        pullback = Pullback(self, call, region, copies, treedef, out)
+        return (out, pullback, aux) if call.has_aux else (out, pullback)
+
+    def _can_elide(self) -> bool:
+        return self.region is None and self.mode != PASSTHROUGH and self.active
+
+    def _owns(self, x: Any) -> bool:
+        return type(x) is Placeholder and x._run is self
+
+    def _differentiable_copies(self, leaves: list) -> list | None:
+        """Fresh placeholders of the leaves to differentiate; None if Terra cannot."""
+        if not leaves or not all(_differentiable(x) for x in leaves):
+            return None
+        copies = [copy_value(x) for x in leaves]
+        return copies if all(self._owns(c) for c in copies) else None
+
+    def _run_region(self, copies: list, fun, args, kwargs: dict) -> tuple:
+        """Run the differentiated function's Python on the copies: (Region, its output)."""
+        region = Region(len(self.rec.ops), tuple((c._pos, c._out) for c in copies))
+        for c in copies:
+            c._region = region
+        self.region = region
+        try:
+            out = fun(*args, **kwargs)
+        finally:
+            region.open = False
+            region.end = len(self.rec.ops)
+            self.region = None
+        return region, out
+
+    def _gradient_op(self, region: Region, outs: tuple, cotangents: list | None,
+                     copies: list) -> list:
+        """One op: the gradient of the region's `outs`, seeded with `cotangents` (None: ones)."""
         pos = len(self.rec.ops)
-        spec = GradSpec(region.start, pos, region.diff, out_key,
-                        tuple((p, self.rec.ops[p]) for p in range(region.start, pos)))
+        cts = cotangents or []
+        spec = region.spec(outs, cotangents is not None, self.rec.ops)
+        ct_inputs = tuple((NODE, c._pos, c._out) for c in cts)
         trace = copies[0]._trace
         if self.mode == COEXEC:
             for child in self.node.children:
-                if child.op.prim is GRAD and child.op.params["spec"] == spec:
+                op = child.op
+                if (op.prim is GRAD and op.params["spec"] == spec
+                        and op.inputs[:len(cts)] == ct_inputs):
                     if child in self.program.members:
                         return self._enter_node(trace, child, ())
                     break
             self._diverge("the differentiated function took a new path")
-        inputs = [(NODE, p, o) for p, o in region.diff] + external_inputs(spec)
-        vals = [local_value(self._region_input(region, inp)) for inp in inputs]
+        inputs = [*ct_inputs, *((NODE, p, o) for p, o in region.diff), *external_inputs(spec)]
+        vals = ([local_value(c.value()) for c in cts]
+                + [local_value(self._region_input(region, inp)) for inp in inputs[len(cts):]])
         op = Op(GRAD, {"spec": spec}, tuple(inputs), (), True, user_location(), False, (),
                 placements(None if i[0] == NODE else v for i, v in zip(inputs, vals)))
+        start = time.perf_counter_ns()
         with eager():
             grads = apply_gradient_op(op, vals)
         op.out_avals = tuple(aval_of(g) for g in grads)
         op.out_placements = placements(grads)
         self.rec.ops.append(op)
+        if self.telemetry is not None:
+            self.telemetry.slice(events.RECORD, self.name, self.step, start,
+                                 {"op": op.label, "where": op.where})
         return [Placeholder(trace, a, self, pos, o, g)
                 for o, (a, g) in enumerate(zip(op.out_avals, grads))]
 
@@ -652,6 +705,70 @@ class StepRun:
                           f"{self.owner.__name__!r} ({err!r}); finishing this step eagerly. "
                           "Set TERRA_STRICT=1 to raise instead.", TerraWarning, stacklevel=3)
         self.mode = PASSTHROUGH
+
+
+class Pullback:
+    """The pullback `jax.vjp` returns when Terra elided the differentiated region.
+
+    Called in the step that made it, outside another differentiated region,
+    with cotangents of exactly the outputs' types, it is one gradient op.
+    Anywhere else (after the step, in a later step, with cotangents JAX would
+    convert or reject) it runs JAX's own vjp of the region's recorded ops on
+    their values: eager's results and eager's errors.
+    """
+
+    def __init__(self, run: StepRun, call: VjpCall, region: Region, copies: list,
+                 primal_tree, out: Any):
+        self._run, self._call, self._region, self._copies = run, call, region, copies
+        self._primal_tree = primal_tree
+        self._out_leaves, self._out_tree = jax.tree.flatten(out)
+        self._outs = [(x._pos, x._out) if run._owns(x) and region.computed(x) else None
+                      for x in self._out_leaves]
+
+    def __call__(self, cotangent: Any) -> tuple:
+        run = self._run
+        cts = None
+        if current_handler() is run and run._can_elide():
+            cts = self._cotangent_placeholders(cotangent)
+        if cts is None:
+            return self._replayed(cotangent)
+        grads = run._gradient_op(self._region, tuple(self._outs), cts, self._copies)
+        return tuple(jax.tree.unflatten(self._primal_tree, grads))
+
+    def _cotangent_placeholders(self, cotangent: Any) -> list | None:
+        """The cotangent leaves as this step's placeholders; None where JAX must look at them."""
+        if not all(key is not None and _inexact(x) for key, x in zip(self._outs, self._out_leaves)):
+            return None
+        try:
+            leaves = self._out_tree.flatten_up_to(cotangent)
+        except Exception:
+            return None
+        for ct, out in zip(leaves, self._out_leaves):
+            if not (isinstance(ct, jax.Array) and ct.shape == out.shape and ct.dtype == out.dtype):
+                return None
+        run = self._run
+        return [ct if run._owns(ct) else copy_value(ct) for ct in leaves]
+
+    def _replayed(self, cotangent: Any) -> tuple:
+        """JAX's vjp of the recorded region, on the values the step computed."""
+        run, region, keys = self._run, self._region, self._outs
+        spec = region.spec(tuple(k for k in keys if k is not None), True, run.rec.ops)
+        primal = replay(spec, lambda inp: local_value(run._region_input(region, inp)))
+        constants = [run._concrete(x) if run._owns(x) else x for x in self._out_leaves]
+
+        @functools.wraps(self._call.fun)
+        def region_function(*diff_vals):
+            values = iter(primal(*diff_vals))
+            return jax.tree.unflatten(self._out_tree, [next(values) if k is not None else c
+                                                       for k, c in zip(keys, constants)])
+
+        diff_vals = [local_value(run._region_input(region, (NODE, *key))) for key in region.diff]
+        _, pullback = self._call.original(region_function, *diff_vals)
+        return tuple(jax.tree.unflatten(self._primal_tree, pullback(cotangent)))
+
+
+def _inexact(x: Any) -> bool:
+    return jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)
 
 
 def _differentiable(x: Any) -> bool:

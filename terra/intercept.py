@@ -42,6 +42,7 @@ class Handler(Protocol):
     def fetch(self, placeholder: "Placeholder") -> Any: ...
     def in_region(self) -> bool: ...
     def differentiate(self, grad_call: "GradCall", args: tuple, kwargs: dict) -> Any: ...
+    def vjp(self, vjp_call: "VjpCall", primals: tuple) -> Any: ...
     def replay_operator(self, name: str, values: tuple) -> Any: ...
     def operator_mark(self) -> int: ...
     def note_operator(self, mark: int, name: str, values: tuple, result: Any) -> None: ...
@@ -59,8 +60,14 @@ class TerraTrace(core.Trace):
     def process_primitive(self, prim, tracers, params, /):
         return self.handler.apply(self, prim, tracers, params)
 
+    # `jnp.asarray(host_array)` lands here. Eager execution makes it a device
+    # array; so must we: handed back as numpy, the user's next ops would run in
+    # NumPy (not eager's semantics, no `.at`) and a data batch derived from it
+    # would reach the graph looking like a constant Python value.
     def stage_value(self, val):
-        return val
+        if isinstance(val, (core.Tracer, jax.Array)):
+            return val
+        return self.process_primitive(core.stage_p, (val,), {})
 
     # Call-like and custom-derivative primitives are inlined: their bodies bind
     # ordinary primitives, which come back here one by one. `bind` has already
@@ -526,6 +533,15 @@ class GradCall:
         self.with_value, self.original = with_value, original
 
 
+class VjpCall:
+    """One `jax.vjp` application, as the handler sees it."""
+
+    __slots__ = ("fun", "has_aux", "original")
+
+    def __init__(self, fun, has_aux, original):
+        self.fun, self.has_aux, self.original = fun, has_aux, original
+
+
 def check_gradient_output(value: Any) -> None:
     """Raise what `jax.value_and_grad` raises for a non-scalar or non-float output."""
     from jax._src import api
@@ -559,11 +575,24 @@ def _elidable(original: Callable, with_value: bool) -> Callable:
     return transform
 
 
+def _elidable_vjp(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def vjp(fun, *primals, has_aux=False, reduce_axes=()):
+        handler = current_handler()
+        if handler is None or reduce_axes:
+            return original(fun, *primals, has_aux=has_aux, reduce_axes=reduce_axes)
+        return handler.vjp(VjpCall(fun, has_aux, original), primals)
+    vjp.__terra_original__ = original
+    return vjp
+
+
 def install_autodiff_hooks() -> None:
-    """Route jax.grad/value_and_grad calls made inside a step to Terra."""
+    """Route jax.grad/value_and_grad/vjp calls made inside a step to Terra."""
     if getattr(jax.grad, "__terra_original__", None) is None:
         jax.grad = _elidable(jax.grad, with_value=False)
         jax.value_and_grad = _elidable(jax.value_and_grad, with_value=True)
+    if getattr(jax.vjp, "__terra_original__", None) is None:
+        jax.vjp = _elidable_vjp(jax.vjp)
 
 
 aval_of: Callable[[Any], AbstractValue] = core.typeof

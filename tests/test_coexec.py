@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _thread
 import functools
+import json
 import threading
 import time
 import warnings
@@ -107,6 +108,24 @@ def test_grad_of_non_scalar_raises_like_eager():
     differential(program, steps=6)
 
 
+def test_grad_of_a_value_computed_before_the_function_is_zero():
+    """The differentiated function returns a value of the step computed before it."""
+    def program(wrap, steps):
+        @wrap
+        def step(w):
+            c = jnp.sum(w * 2.0)
+            g = jax.grad(lambda v: c)(w)        # does not depend on v: zeros
+            return w - 0.1 * (g + 1.0), c
+
+        w, cs = jnp.ones(3), []
+        for _ in range(steps):
+            w, c = step(w)
+            cs.append(c)
+        return w, cs
+
+    differential(program, steps=6)
+
+
 # -- divergence, fallback, new paths ----------------------------------------------
 
 def test_new_branch_diverges_falls_back_and_is_learned():
@@ -136,6 +155,38 @@ def test_new_branch_diverges_falls_back_and_is_learned():
     assert "test_coexec.py" in stats.last_divergence   # points at the user's line
     assert stats.compiles == 2, stats          # the new path was compiled once
     assert stats.paths == 2, stats
+
+
+def test_new_path_compiles_only_its_own_segments():
+    """Learning a new path regenerates the graph, but the segments of the paths
+    it already had are the same computations: their executables are reused."""
+    def program(wrap, steps):
+        rng = np.random.RandomState(0)
+
+        @wrap
+        def step(w, x):
+            loss, g = jax.value_and_grad(lambda w: jnp.mean(jnp.tanh(x @ w) ** 2))(w)
+            return w - 0.1 * g, loss
+
+        w, losses = jnp.ones((4, 3)), []
+        for i in range(steps):
+            n = (4, 8, 12)[min(i // 4, 2)]        # a new batch size (path) every 4 steps
+            w, loss = step(w, rng.normal(size=(n, 4)).astype(np.float32))
+            losses.append(loss)
+            wrap.note("stats", wrap.stats())
+        return w, losses
+
+    res = differential(program, steps=12, min_coexecuted=6)
+    compiled_by = {}                        # compile count -> segments compiled so far
+    for h in res.history:
+        if h["compiles"]:
+            compiled_by[h["compiles"]] = h["segments_compiled"]
+    assert sorted(compiled_by) == [1, 2, 3] and res.stats.paths == 3, res.describe()
+    first = compiled_by[1]
+    # The step's first op (copying w to differentiate it) does not depend on x: it
+    # is a segment of its own, shared by all paths; each path adds one segment.
+    assert first == 2, res.describe()
+    assert compiled_by[2] - compiled_by[1] == 1 and compiled_by[3] - compiled_by[2] == 1
 
 
 def test_placeholder_kept_after_divergence_and_across_steps():
@@ -263,6 +314,41 @@ def test_compilation_never_stalls_python(monkeypatch):
     assert step.stats().coexecuted > 0
 
 
+def test_wait_for_graph_covers_paths_learned_while_compiling(monkeypatch):
+    """A path first taken while the first graph compiles is in the graph that
+    `wait_for_graph` leaves in use: its next step co-executes, no fallback."""
+    monkeypatch.setenv("TERRA_SYNC_COMPILE", "0")
+    real_compile = generate.compile_segment
+    release = threading.Event()
+
+    def held_compile(seg, executor):
+        release.wait(30)
+        return real_compile(seg, executor)
+
+    monkeypatch.setattr(generate, "compile_segment", held_compile)
+
+    def body(w, x):
+        return w - 0.1 * jnp.mean(jnp.tanh(x @ w[:, None])) * w
+
+    step = terra.function(body)
+    w_t = w_e = jnp.ones(4)
+    rng = np.random.RandomState(0)
+    widths = [8, 8, 16]             # the graph of path 8 is compiling when path 16 is taken
+    widths += [8, 16, 16, 8]        # ... then both co-execute
+    for i, n in enumerate(widths):
+        x = rng.normal(size=(n, 4)).astype(np.float32)
+        w_t, w_e = step(w_t, x), body(w_e, x)
+        if i == 2:
+            release.set()
+            assert step.wait_for_graph(30)
+            assert step.stats().traced == 3 and step.stats().paths == 2
+        np.testing.assert_allclose(np.asarray(w_t), np.asarray(w_e), rtol=1e-5,
+                                   err_msg=f"step {i}")
+    stats = step.stats()
+    assert stats.coexecuted == 4 and stats.fallbacks == 0, stats
+    assert stats.compiles == 2, stats
+
+
 def test_graph_runs_ahead_of_python():
     """The segment is dispatched when its inputs exist: a fetch after slow Python does not wait."""
     a = jnp.asarray(np.random.RandomState(0).normal(size=(256, 256)).astype(np.float32) / 16)
@@ -342,6 +428,98 @@ def test_other_autodiff_entry_points(kind):
         return (w, b), losses
 
     differential(program, steps=8)
+
+
+@pytest.mark.parametrize("has_aux", [False, True])
+def test_vjp_pullback_is_one_gradient_op(has_aux, tmp_path):
+    """`jax.vjp` with its predictions fetched to numpy in the middle, then the
+    pullback (the YOLO pattern): f's primal ops run, and each pullback call is
+    one gradient op, as for `jax.grad`; no fallbacks."""
+    def program(wrap, steps):
+        x, y = linear_data()
+
+        def forward(w, b):
+            pred = jnp.tanh(x @ w) + b
+            return (pred, {"mean": jnp.mean(pred)}) if has_aux else pred
+
+        @wrap
+        def step(w, b):
+            pred, pullback, *aux = jax.vjp(forward, w, b, has_aux=has_aux)
+            target = np.sign(np.asarray(pred)) * np.abs(np.asarray(y))    # host work on it
+            loss, g = jax.value_and_grad(lambda p: jnp.mean((p - target) ** 2))(pred)
+            gw, gb = pullback(g)
+            return w - 0.1 * gw, b - 0.1 * gb, loss, aux
+
+        w, b, losses = jnp.zeros(4) + 0.1, jnp.float32(0.0), []
+        for _ in range(steps):
+            w, b, loss, aux = step(w, b)
+            losses.append((loss, aux))
+        return (w, b), losses
+
+    path = str(tmp_path / "trace.json")
+    with terra.timeline(path):
+        res = differential(program, steps=8)
+    assert res.stats.fallbacks == 0, res.describe()
+    recorded = [e["args"]["op"] for e in json.load(open(path)) if e.get("cat") == "record"]
+    # value_and_grad's and the pullback's: one gradient op each per traced step,
+    # and none of the ops JAX's linearize and transpose would have recorded
+    assert recorded.count("terra_grad") == 2 * res.stats.traced, recorded
+    assert "transpose" not in recorded and not any("jvp" in op for op in recorded), recorded
+
+
+@pytest.mark.parametrize("use", ["twice", "after_the_step", "numpy_cotangent", "constant_output",
+                                 "wrong_cotangent", "integer_primal", "inside_grad"])
+def test_vjp_pullback_behaves_as_in_eager(use):
+    def program(wrap, steps):
+        x, y = linear_data()
+        printed = []
+
+        def f(w, b):
+            out = jnp.tanh(x @ w) + b
+            return (out, jnp.ones(3)) if use == "constant_output" else out
+
+        @wrap
+        def step(w, b, n):
+            if use == "integer_primal":
+                out, pullback = jax.vjp(lambda w, n: f(w, b) * n, w, n)
+                gw, _ = pullback(jnp.ones_like(out))
+                return w - 0.01 * gw, b, None
+            out, pullback = jax.vjp(f, w, b)
+            if use == "after_the_step":
+                return w, b, pullback
+            if use == "twice":
+                gw, gb = pullback(out - y)
+                gw2, _ = pullback(jnp.ones_like(out))
+                gw = gw + 0.1 * gw2
+            elif use == "numpy_cotangent":
+                gw, gb = pullback(np.asarray(out) - np.asarray(y, np.float64))
+            elif use == "constant_output":
+                gw, gb = pullback((out[0] - y, jnp.ones(3)))
+            elif use == "wrong_cotangent":
+                try:
+                    pullback(jnp.ones(3))
+                except ValueError as err:
+                    printed.append(str(err).splitlines()[0])
+                gw, gb = pullback(out - y)
+            else:   # the pullback differentiated again, by a grad taken after it
+                def scaled(s):
+                    gw, gb = pullback(s * (out - y))
+                    return jnp.sum(gw ** 2) + gb ** 2
+                ds = jax.grad(scaled)(jnp.float32(1.0))
+                gw, gb = pullback((1.0 + 0.01 * ds) * (out - y))
+            return w - 0.01 * gw, b - 0.01 * gb, None
+
+        w, b = jnp.zeros(4) + 0.1, jnp.float32(0.0)
+        for i in range(steps):
+            w, b, pullback = step(w, b, jnp.int32(2))
+            if pullback is not None:    # called after the step returned
+                gw, gb = pullback(jnp.ones((16,)))
+                w, b = w - 0.01 * gw, b - 0.01 * gb
+        return (w, b), printed
+
+    res = differential(program, steps=8)
+    if use == "wrong_cotangent":
+        assert "unexpected JAX type" in res.terra.side_effects[0]
 
 
 def test_prediction_checked_against_the_program_in_use(monkeypatch):

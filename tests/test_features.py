@@ -106,6 +106,37 @@ def test_numpy_and_third_party_calls(where):
     differential(program, steps=STEPS)
 
 
+def test_jnp_asarray_of_a_numpy_batch_is_a_device_array():
+    """`jnp.asarray(batch)` gives a jax.Array as in eager, so what the step derives
+    from it is graph data: small per-batch values (lengths) are fed live, never
+    mispredicted as constants, also on a path (shape) seen only once while tracing."""
+    def program(wrap, steps):
+        params = init_mlp(sizes=(8, 16, 1))
+        rng = np.random.RandomState(0)
+        kinds = []
+
+        @wrap
+        def step(params, x, lengths):
+            lengths = jnp.asarray(lengths)
+            kinds.append(isinstance(lengths, jax.Array))
+            first = lengths.at[0].set(lengths[0] + 0)      # jax.Array API, not NumPy's
+            mask = (jnp.arange(x.shape[0])[:, None] < first[:, None] - 1).astype(jnp.float32)
+            loss, grads = jax.value_and_grad(
+                lambda p: jnp.mean((mlp(p, jnp.asarray(x)) * mask[:, :1]) ** 2))(params)
+            return sgd(params, grads, 0.1), loss
+
+        for i in range(steps):
+            n = (4, 6)[i % 2]                                # two shapes: two paths
+            x = rng.normal(size=(n, 8)).astype(np.float32)
+            lengths = rng.randint(1, n + 1, size=n).astype(np.int32)   # new every batch
+            params, loss = step(params, x, lengths)
+        return (params, loss), kinds
+
+    res = differential(program, steps=STEPS)
+    assert res.terra.side_effects == [True] * STEPS
+    assert res.stats.fallbacks == 0, res.describe()
+
+
 # ------------------------------------------------------ Python control flow on tensors
 
 
