@@ -16,9 +16,10 @@ from typing import Any, Callable, Protocol
 
 import jax
 import numpy as np
-from jax._src import api_util, array, config, core, dtypes, literals, pjit
+from jax._src import api_util, array, config, core, dtypes, literals, pjit, tree_util
 from jax._src import linear_util as lu
 from jax._src.interpreters import pxla
+from jax._src.lib import _jax
 from jax._src.interpreters import partial_eval as pe
 from jax._src.lax import lax as lax_internal
 
@@ -354,7 +355,71 @@ def bind_op(prim: Primitive, args: Any, params: dict) -> Any:
 def eval_primitive(prim: Primitive, args: Any, params: dict) -> Any:
     """Run one primitive eagerly, below any Terra trace."""
     with core.take_current_trace():
+        if prim is pjit.jit_p:
+            run = _jit_callable(params)
+            if run is not None and _concrete_args(args):
+                return run(*args)
         return bind_op(prim, args, params)
+
+
+# -- nested jits run eagerly -----------------------------------------------------
+# Eager JAX calls a jnp ufunc through jit's C++ object, which finds the compiled
+# executable by the arguments' signature. `jit_p`'s impl, which the recorder
+# reaches instead, builds a new C++ object on every call (pjit._pjit_call_impl)
+# and pays that lookup's slow half each time. The same op params (the same dict:
+# `_infer_params_fast` caches them) get one C++ object here, built as the impl
+# builds it, so a recorded jit op runs as eager's ufunc call does.
+_jit_callables: dict = {}  # id(params) -> (params, C++ jit callable or None); params kept alive
+
+
+def _concrete_args(args) -> bool:
+    """Whether `bind` would pass the arguments to the impl as they are."""
+    for x in args:
+        if isinstance(x, core.Tracer):
+            return False
+    return not config.debug_key_reuse.value
+
+
+def _jit_callable(params: dict) -> Callable | None:
+    """The C++ jit callable of a jit op's params; None where `bind` must run."""
+    entry = _jit_callables.get(id(params))
+    if entry is not None and entry[0] is params:
+        return entry[1]
+    callable_ = None if params["jaxpr"].jaxpr.is_high else _new_jit_callable(params)
+    if len(_jit_callables) >= _JIT_CACHE_SIZE:
+        _jit_callables.pop(next(iter(_jit_callables)))
+    _jit_callables[id(params)] = (params, callable_)
+    return callable_
+
+
+def _new_jit_callable(params: dict) -> Callable:
+    """What pjit._pjit_call_impl builds and calls, kept."""
+    jaxpr = params["jaxpr"]
+
+    def cache_miss(*args):  # the impl's, for the arguments of this call
+        with core.take_current_trace():
+            out_flat, compiled, pgle_profiler, const_args = pjit._pjit_call_impl_python(
+                *args, **params)
+        fastpath = pjit._get_fastpath_data(
+            compiled, pjit.tree_structure(out_flat), args, out_flat, jaxpr.effects,
+            jaxpr.consts, pgle_profiler, const_args)
+        return out_flat, fastpath, pjit._need_to_rebuild_with_fdo(pgle_profiler)
+
+    p = params
+    fun = pjit._get_jaxpr_as_fun(
+        jaxpr, p["in_shardings"], p["out_shardings"], p["in_layouts"], p["out_layouts"],
+        p["donated_invars"], p["ctx_mesh"], p["name"], p["keep_unused"], p["inline"],
+        p["compiler_options_kvs"])
+    cache_key = pxla.JitGlobalCppCacheKeys(
+        donate_argnums=tuple(i for i, d in enumerate(p["donated_invars"]) if d),
+        donate_argnames=None, device=None, backend=None,
+        in_shardings_treedef=None, in_shardings_leaves=p["in_shardings"],
+        out_shardings_treedef=None, out_shardings_leaves=p["out_shardings"],
+        in_layouts_treedef=None, in_layouts_leaves=p["in_layouts"],
+        out_layouts_treedef=None, out_layouts_leaves=p["out_layouts"])
+    return _jax.pjit(
+        p["name"], fun, cache_miss, [], [], cache_key, tree_util.dispatch_registry,
+        pxla.cc_shard_arg, pjit._get_cpp_global_cache(cache_key.contains_explicit_attributes))
 
 
 def eager():
