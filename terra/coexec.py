@@ -253,10 +253,13 @@ class StepRun:
     def _apply_eager(self, trace, prim, args, params):
         pos = len(self.rec.ops)
         inputs, vals, feeds, slots = [], [], [], []
+        # Placements of ARG and FEED inputs (a NODE's producer decides its own).
+        places, committed = [], False
         for k, x in enumerate(args):
             if type(x) is Placeholder and x._run is self:
                 inputs.append((NODE, x._pos, x._out))
                 vals.append(self._concrete(x))
+                places.append(None)
                 continue
             i = self.arg_ids.get(id(x))
             if i is not None and self.args[i] is x:
@@ -266,7 +269,11 @@ class StepRun:
                 x = frozen_copy(x)  # XLA may read a numpy buffer after Python mutates it
                 feeds.append(x)
                 slots.append(k)
-            vals.append(self._concrete(x))
+            v = self._concrete(x)
+            vals.append(v)
+            place = placement_of(v)
+            places.append(place)
+            committed = committed or place is not None
         region = self.region
         if region is not None:  # keep what the gradient op will read from outside
             for k, (inp, v) in enumerate(zip(inputs, vals)):
@@ -282,8 +289,7 @@ class StepRun:
         try:
             op = Op(prim, params, tuple(inputs), avals, prim.multiple_results,
                     user_location(), has_host_effect(prim, params), tuple(slots),
-                    placements(None if i[0] == NODE else v for i, v in zip(inputs, vals)),
-                    placements(outs))
+                    tuple(places) if committed else (), placements(outs))
             self.rec.ops.append(op)
             if feeds:
                 self.rec.feeds[pos] = tuple(feeds)

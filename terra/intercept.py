@@ -433,6 +433,8 @@ def local_value(value: Any) -> Any:
     The download builds a jax.Array, which must not be intercepted by the
     step's trace: it runs eagerly, as the executor's own threads would.
     """
+    if type(value) is array.ArrayImpl:  # the common case, before an ABC's isinstance
+        return value
     if isinstance(value, executor.RemoteValue):
         with core.take_current_trace():
             return value.local()
@@ -572,7 +574,12 @@ def install_autodiff_hooks() -> None:
         jax.value_and_grad = _elidable(jax.value_and_grad, with_value=True)
 
 
-aval_of: Callable[[Any], AbstractValue] = core.typeof
+def aval_of(x: Any) -> AbstractValue:
+    """`core.typeof(x)`. A single-device array's is its `aval` (typeof would
+    rebuild it from the sharding, which only a NamedSharding changes)."""
+    if type(x) is array.ArrayImpl and type(x.sharding) is jax.sharding.SingleDeviceSharding:
+        return x.aval
+    return core.typeof(x)
 
 
 # -- placements: where eager JAX keeps a value ---------------------------------
@@ -586,6 +593,8 @@ def placement_of(x: Any) -> Any:
     """The sharding of a committed array; None for values eager JAX may move."""
     if type(x) is Placeholder:
         x = x.value()
+    if type(x) is array.ArrayImpl:  # the common case, before an ABC's isinstance
+        return x.sharding if x._committed else None
     if isinstance(x, core.Tracer) or not isinstance(x, jax.Array) or not x.committed:
         return None
     return x.sharding
@@ -609,6 +618,8 @@ def uncommitted(x: Any) -> Any:
 
 def has_host_effect(prim: Primitive, params: dict) -> bool:
     """Whether the op must run at its place in Python's order (prints, callbacks)."""
+    if prim is pjit.jit_p:  # of its params, only the jaxpr has effects
+        return bool(params["jaxpr"].effects)
     if prim.name in _HOST_EFFECT_PRIMITIVES:
         return True
     for v in params.values():
@@ -642,19 +653,34 @@ _TERRA_DIR = __file__.rsplit("/", 1)[0]
 _SKIP_PREFIXES = (_TERRA_DIR, "<frozen", sys.prefix + "/lib")  # sys.prefix: our venv's site-packages
 
 
-def user_frame(skip: tuple[str, ...] = ()) -> Any:
+# Every recorded op walks the stack from JAX's internals up to the user's line:
+# whether a frame is a library's is decided once per code object (keyed by id:
+# a code object hashes its contents; the entry keeps it alive, so ids stay unique).
+_library_code: dict = {}  # id(code) -> (code, whether its file is JAX's, Terra's or a library's)
+_LIBRARY_CODE_MAX = 100_000  # bounds the memory of programs that generate code
+
+
+def _is_library(code) -> bool:
+    entry = _library_code.get(id(code))
+    if entry is not None:
+        return entry[1]
+    name = code.co_filename
+    library = name.startswith(_SKIP_PREFIXES) or "site-packages" in name
+    if len(_library_code) >= _LIBRARY_CODE_MAX:
+        _library_code.clear()
+    _library_code[id(code)] = (code, library)
+    return library
+
+
+def user_frame() -> Any:
     """The innermost frame outside JAX, Terra and libraries (None if there is none)."""
     f = sys._getframe(1)
-    prefixes = _SKIP_PREFIXES + skip
-    while f is not None:
-        name = f.f_code.co_filename
-        if not name.startswith(prefixes) and "site-packages" not in name:
-            return f
+    while f is not None and _is_library(f.f_code):
         f = f.f_back
-    return None
+    return f
 
 
-def user_location(skip: tuple[str, ...] = ()) -> str:
+def user_location() -> str:
     """`file:line` of the innermost frame outside JAX, Terra and libraries."""
-    f = user_frame(skip)
+    f = user_frame()
     return "<unknown>" if f is None else f"{f.f_code.co_filename}:{f.f_lineno}"
