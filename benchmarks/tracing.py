@@ -1,7 +1,7 @@
 """Tracing-step time vs eager step time, side by side.
 
     python benchmarks/tracing.py [--programs mlp,cnn,dropblock,sdpoint]
-                                 [--steps 6] [--repeats 7] [--json FILE]
+                                 [--steps 10] [--repeats 6] [--json FILE]
 
 A *tracing step* is a step Terra runs eagerly while it records it: the first
 steps of every step function (until its first graph is compiled, about 18 MLP
@@ -9,32 +9,34 @@ steps) and the fallback steps after a divergence. The goal is a tracing step
 no more than 10% slower than the same step run eagerly.
 
 For each program (an `examples/*.py` with `run(wrap, steps, log, seed,
-timings)`), two settings run the same training loop from the same initial
+timings)`), two processes run the same training loop from the same initial
 state on the same data:
 
-  eager     `wrap` is the identity: plain JAX
+  eager     `wrap` is the identity: plain JAX (Terra is not even imported)
   tracing   `wrap` is `terra.function` with an executor whose compilations
             never finish (`HeldCompiles`), so every step is a tracing step, as
-            while the first graph compiles in the background — without a
+            while the first graph compiles in the background, but with no
             background compile competing for the CPU. One step function per
-            program is reused by every window, as in a real run.
+            program is reused by every run, as in a real training loop.
 
-A step's time is that of the call of the step function until its outputs are
-computed (`jax.block_until_ready`), in wall time and in process CPU time (all
-threads; less disturbed by other jobs on a shared machine). A round runs one
-window of each setting (`--steps` steps of a fresh training run), in an order
-rotated every round; a window's step time is the median of its steps after
-the first. Reported: medians over `--repeats` rounds (after a warm-up round),
-and the tracing/eager ratio as the median of the per-round ratios (each
-measured side by side, so machine load mostly cancels out). The run fails
-unless every tracing step was traced and the final parameters of both
-settings agree.
+The two processes take turns, one step each: only one of them runs at any
+time (the other waits for its turn in a pipe), so both see the same machine
+load, step after step; this matters on a shared machine, where the load of
+other jobs changes within seconds. A step's time is that of the call of the
+step function until its outputs are computed (`jax.block_until_ready`), in
+wall time and in the process's CPU time (all its threads). Each process runs
+the loop `--repeats` times from a fresh state, `--steps` steps each, after one
+warm-up run; the first step of a run is not timed. Reported: medians over the
+timed steps, and the tracing/eager ratio as the median of the ratios of steps
+that ran next to each other. The run fails unless every tracing step was
+traced and the final parameters of both settings agree.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -45,12 +47,8 @@ from concurrent.futures import Future
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 sys.path.insert(0, ROOT)
-os.environ["TERRA_SYNC_COMPILE"] = "0"  # a synchronous compile would wait forever below
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
-import terra  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5  # as in examples/_common.py
 SETTINGS = ("eager", "tracing")
@@ -72,100 +70,123 @@ class HeldCompiles:
         pass
 
 
-class Program:
-    """One example program: its module, and its step functions kept in tracing."""
+# -- one setting, in its own process -------------------------------------------
 
-    def __init__(self, name: str):
-        self.name = name
-        self.module = importlib.import_module(name)
-        self.tracing: dict = {}  # the user's step function -> its terra.function
+def run_setting(name: str, setting: str, steps: int, repeats: int, conn) -> None:
+    """Runs the program's loop, handing the turn back to the parent at every step."""
+    os.environ["TERRA_SYNC_COMPILE"] = "0"  # a synchronous compile would wait forever
+    import jax
+    module = importlib.import_module(name)
+    step_functions: dict = {}  # the user's step function -> what runs it
 
-    def step_function(self, setting: str, fn):
-        if setting == "eager":
-            return fn
-        if fn not in self.tracing:
-            self.tracing[fn] = terra.function(fn, executor=HeldCompiles())
-        return self.tracing[fn]
+    def step_function(fn):
+        if fn not in step_functions:
+            if setting == "eager":
+                step_functions[fn] = fn
+            else:
+                import terra
+                step_functions[fn] = terra.function(fn, executor=HeldCompiles())
+        return step_functions[fn]
 
-    def window(self, setting: str, steps: int):
-        """((wall, cpu) median step seconds after the first, final parameters) of a fresh run."""
-        wall, cpu = [], []
+    def wrap(fn):
+        step_fn = step_function(fn)
 
-        def wrap(fn):
-            step_fn = self.step_function(setting, fn)
+        def timed(*args, **kwargs):
+            conn.send(None)  # my turn ends here ...
+            conn.recv()      # ... and starts again for this step
+            wall, cpu = time.perf_counter(), time.process_time()
+            out = jax.block_until_ready(step_fn(*args, **kwargs))
+            times.append((time.perf_counter() - wall, time.process_time() - cpu))
+            return out
+        return timed
 
-            def timed(*args, **kwargs):
-                w, c = time.perf_counter(), time.process_time()
-                out = jax.block_until_ready(step_fn(*args, **kwargs))
-                cpu.append(time.process_time() - c)
-                wall.append(time.perf_counter() - w)
-                return out
-            return timed
-
-        params = self.module.run(wrap, steps, log=lambda line: None)
-        return ((statistics.median(wall[1:]), statistics.median(cpu[1:])),
-                jax.block_until_ready(params))
-
-    def check(self, steps: int) -> dict:
-        """Every tracing step traced; the two settings' parameters agree."""
-        stats = [fn.stats() for fn in self.tracing.values()]
-        traced = sum(s.traced for s in stats)
-        others = sum(s.coexecuted + s.eager + s.internal_errors for s in stats)
-        if not stats or others or traced != sum(s.steps for s in stats):
-            raise SystemExit(f"FAIL {self.name}: not every step traced: {stats}")
-        _, eager = self.window("eager", steps)
-        _, traced_params = self.window("tracing", steps)
-        worst = max((float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b))))
-                     for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(traced_params))
-                     if np.size(a)), default=0.0)
-        same = all(np.allclose(a, b, rtol=RTOL, atol=ATOL)
-                   for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(traced_params)))
-        if not same:
-            raise SystemExit(f"FAIL {self.name}: tracing params differ from eager's ({worst:.2e})")
-        return {"tracing_steps": traced, "max_abs_param_diff": worst}
+    conn.recv()
+    for run in range(repeats + 1):  # the first run warms up
+        times: list = []
+        params = module.run(wrap, steps, log=lambda line: None)
+        if run:
+            conn.send(("times", times[1:]))
+            conn.recv()
+    stats = [fn.stats().as_dict() for fn in step_functions.values() if fn is not None
+             and hasattr(fn, "stats")]
+    conn.send(("done", [np.asarray(x) for x in jax.tree.leaves(params)], stats))
 
 
-def bench(program: Program, steps: int, repeats: int, log) -> dict:
-    for setting in SETTINGS:  # warm-up: JAX's caches, the TraceGraph's one path
-        program.window(setting, steps)
-    wall = {s: [] for s in SETTINGS}
-    cpu = {s: [] for s in SETTINGS}
-    for rnd in range(repeats):
-        order = SETTINGS if rnd % 2 == 0 else SETTINGS[::-1]
-        for setting in order:
-            (w, c), _ = program.window(setting, steps)
-            wall[setting].append(w)
-            cpu[setting].append(c)
-        log(f"  round {rnd + 1}/{repeats}: " + "  ".join(
-            f"{s} {1e3 * wall[s][-1]:.2f} ms (cpu {1e3 * cpu[s][-1]:.2f})" for s in SETTINGS))
-    result = {}
-    for clock, times in (("wall", wall), ("cpu", cpu)):
-        ratios = [t / e for e, t in zip(times["eager"], times["tracing"])]
-        result[clock] = {"eager_ms": 1e3 * statistics.median(times["eager"]),
-                         "tracing_ms": 1e3 * statistics.median(times["tracing"]),
+# -- the parent: turns and results ---------------------------------------------
+
+def bench(name: str, steps: int, repeats: int) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    conns, procs = {}, {}
+    for setting in SETTINGS:
+        parent, child = ctx.Pipe()
+        procs[setting] = ctx.Process(target=run_setting,
+                                     args=(name, setting, steps, repeats, child))
+        procs[setting].start()
+        conns[setting] = parent
+    times = {s: [] for s in SETTINGS}
+    final = {}
+    turn = 0
+    while len(final) < len(SETTINGS):
+        for setting in SETTINGS:  # one step each, in turn
+            if setting in final:
+                continue
+            conns[setting].send(None)
+            message = conns[setting].recv()
+            while message is not None:  # a run ended, or the last one did
+                if message[0] == "times":
+                    times[setting].append(message[1])
+                    conns[setting].send(None)
+                    message = conns[setting].recv()
+                else:
+                    final[setting] = message[1:]
+                    break
+        turn += 1
+    for p in procs.values():
+        p.join()
+    return summarize(name, times, final)
+
+
+def summarize(name: str, times: dict, final: dict) -> dict:
+    eager = [t for run in times["eager"] for t in run]
+    tracing = [t for run in times["tracing"] for t in run]
+    (eager_params, _), (tracing_params, stats) = final["eager"], final["tracing"]
+    traced = sum(s["traced"] for s in stats)
+    if not stats or traced != sum(s["steps"] for s in stats):
+        raise SystemExit(f"FAIL {name}: not every step traced: {stats}")
+    same = all(np.allclose(a, b, rtol=RTOL, atol=ATOL)
+               for a, b in zip(eager_params, tracing_params))
+    worst = max((float(np.max(np.abs(a.astype(np.float64) - b)))
+                 for a, b in zip(eager_params, tracing_params) if a.size), default=0.0)
+    if not same or len(eager_params) != len(tracing_params):
+        raise SystemExit(f"FAIL {name}: tracing params differ from eager's ({worst:.2e})")
+    result = {"steps_timed": len(eager), "tracing_steps": traced, "max_abs_param_diff": worst}
+    for k, clock in enumerate(("wall", "cpu")):
+        ratios = [t[k] / e[k] for e, t in zip(eager, tracing)]
+        result[clock] = {"eager_ms": 1e3 * statistics.median(e[k] for e in eager),
+                         "tracing_ms": 1e3 * statistics.median(t[k] for t in tracing),
                          "ratio": statistics.median(ratios),
-                         "ratio_rounds": ratios,
-                         "rounds_ms": {s: [1e3 * t for t in ts] for s, ts in times.items()}}
-    return {**result, **program.check(steps)}
+                         "ratio_quartiles": statistics.quantiles(ratios, n=4)}
+    return result
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--programs", default="mlp,cnn,dropblock,sdpoint")
-    parser.add_argument("--steps", type=int, default=6, help="steps per window")
-    parser.add_argument("--repeats", type=int, default=7, help="rounds")
+    parser.add_argument("--steps", type=int, default=10, help="steps per run")
+    parser.add_argument("--repeats", type=int, default=6, help="timed runs per setting")
     parser.add_argument("--json", metavar="FILE", help="write results as JSON")
     args = parser.parse_args(argv)
-    if args.steps < 2:
-        parser.error("--steps must be at least 2 (a window's first step is not timed)")
+    if args.steps < 3:
+        parser.error("--steps must be at least 3 (a run's first step is not timed)")
 
     results = {}
     for name in [p for p in args.programs.split(",") if p]:
-        print(f"{name}: {args.repeats} rounds of {args.steps}-step windows", flush=True)
-        results[name] = bench(Program(name), args.steps, args.repeats,
-                              log=lambda line: print(line, flush=True))
+        print(f"{name}: {args.repeats} runs of {args.steps} steps per setting, in turns",
+              flush=True)
+        results[name] = bench(name, args.steps, args.repeats)
 
-    print(f"\nTracing step vs eager step, ms (medians of {args.repeats} rounds;"
+    import jax
+    print(f"\nTracing step vs eager step, ms (medians over steps;"
           f" {jax.devices()[0].platform}, {os.cpu_count()} cores)")
     header = (f"{'program':12} {'eager':>8} {'tracing':>8} {'tracing/eager':>14}"
               f" {'cpu: eager':>11} {'tracing':>8} {'tracing/eager':>14}")
