@@ -258,7 +258,7 @@ class StepRun:
         for k, x in enumerate(args):
             if type(x) is Placeholder and x._run is self:
                 inputs.append((NODE, x._pos, x._out))
-                vals.append(self._concrete(x))
+                vals.append(local_value(x.value()))
                 places.append(None)
                 continue
             i = self.arg_ids.get(id(x))
@@ -282,20 +282,24 @@ class StepRun:
                 elif inp[0] == ARG or inp[1] < region.start:
                     region.captured[inp] = v
             region = self._differentiated_region(args)
-        start = time.perf_counter_ns()
+        telemetry = self.telemetry
+        start = 0 if telemetry is None else time.perf_counter_ns()
         out = eval_primitive(prim, vals, params)  # the user's errors surface here, as in eager
         outs = out if prim.multiple_results else (out,)
-        avals = tuple(aval_of(o) for o in outs)
+        avals = tuple([aval_of(o) for o in outs])
         try:
-            op = Op(prim, params, tuple(inputs), avals, prim.multiple_results,
-                    user_location(), has_host_effect(prim, params), tuple(slots),
+            # The source line is only for telemetry's record events: finding it
+            # walks the stack, a cost every op would pay for nothing otherwise.
+            where = "" if telemetry is None else user_location()
+            op = Op(prim, params, tuple(inputs), avals, prim.multiple_results, where,
+                    has_host_effect(prim, params), tuple(slots),
                     tuple(places) if committed else (), placements(outs))
             self.rec.ops.append(op)
             if feeds:
                 self.rec.feeds[pos] = tuple(feeds)
-            if self.telemetry is not None:
-                self.telemetry.slice(events.RECORD, self.name, self.step, start,
-                                     {"op": op.label, "where": op.where})
+            if telemetry is not None:
+                telemetry.slice(events.RECORD, self.name, self.step, start,
+                                {"op": op.label, "where": where})
         except Exception as err:
             self.internal_failure(err, "recording an op")
             return out
@@ -363,7 +367,8 @@ class StepRun:
             self._diverge("the differentiated function took a new path")
         inputs = [(NODE, p, o) for p, o in region.diff] + external_inputs(spec)
         vals = [local_value(self._region_input(region, inp)) for inp in inputs]
-        op = Op(GRAD, {"spec": spec}, tuple(inputs), (), True, user_location(), False, (),
+        where = "" if self.telemetry is None else user_location()
+        op = Op(GRAD, {"spec": spec}, tuple(inputs), (), True, where, False, (),
                 placements(None if i[0] == NODE else v for i, v in zip(inputs, vals)))
         with eager():
             grads = apply_gradient_op(op, vals)

@@ -289,10 +289,13 @@ def _leaf_avals(args) -> tuple | None:
     """The avals of array-like arguments; None if one is a pytree, a ref or unknown."""
     avals = []
     for x in args:
-        to_aval = core.pytype_aval_mappings.get(type(x))  # never formats x (a fetch)
-        if to_aval is None:
-            return None
-        aval = to_aval(x)
+        if type(x) is array.ArrayImpl:
+            aval = aval_of(x)
+        else:
+            to_aval = core.pytype_aval_mappings.get(type(x))  # never formats x (a fetch)
+            if to_aval is None:
+                return None
+            aval = to_aval(x)
         if type(aval) is not core.ShapedArray:  # refs, tokens: JAX checks them
             return None
         avals.append(aval)
@@ -301,6 +304,8 @@ def _leaf_avals(args) -> tuple | None:
 
 def _static_given(ji, args) -> bool:
     """Whether a static argument is among the positional ones (it is keyed by value)."""
+    if not ji.static_argnums:
+        return False
     n = len(args)
     return any(-n <= i < n for i in ji.static_argnums)
 
@@ -354,11 +359,14 @@ def bind_op(prim: Primitive, args: Any, params: dict) -> Any:
 
 def eval_primitive(prim: Primitive, args: Any, params: dict) -> Any:
     """Run one primitive eagerly, below any Terra trace."""
-    with core.take_current_trace():
-        if prim is pjit.jit_p:
-            run = _jit_callable(params)
-            if run is not None and _concrete_args(args):
+    if prim is pjit.jit_p:
+        run = _jit_callable(params)
+        if run is not None and _concrete_args(args):
+            if core.trace_ctx.trace is core.eval_trace:  # as `bind` leaves it for the recorder
                 return run(*args)
+            with core.take_current_trace():
+                return run(*args)
+    with core.take_current_trace():
         return bind_op(prim, args, params)
 
 
