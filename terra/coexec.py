@@ -352,10 +352,13 @@ class StepRun:
     def _apply_eager(self, trace, prim, args, params):
         pos = len(self.rec.ops)
         inputs, vals, feeds, slots = [], [], [], []
+        # Placements of ARG and FEED inputs (a NODE's producer decides its own).
+        places, committed = [], False
         for k, x in enumerate(args):
             if type(x) is Placeholder and x._run is self:
                 inputs.append((NODE, x._pos, x._out))
-                vals.append(self._concrete(x))
+                vals.append(local_value(x.value()))
+                places.append(None)
                 continue
             i = self.arg_ids.get(id(x))
             if i is not None and self.args[i] is x:
@@ -365,7 +368,11 @@ class StepRun:
                 x = frozen_copy(x)  # XLA may read a numpy buffer after Python mutates it
                 feeds.append(x)
                 slots.append(k)
-            vals.append(self._concrete(x))
+            v = self._concrete(x)
+            vals.append(v)
+            place = placement_of(v)
+            places.append(place)
+            committed = committed or place is not None
         region = self.region
         if region is not None:  # keep what the gradient op will read from outside
             for k, (inp, v) in enumerate(zip(inputs, vals)):
@@ -374,21 +381,24 @@ class StepRun:
                 elif inp[0] == ARG or inp[1] < region.start:
                     region.captured[inp] = v
             region = self._differentiated_region(args)
-        start = time.perf_counter_ns()
+        telemetry = self.telemetry
+        start = 0 if telemetry is None else time.perf_counter_ns()
         out = eval_primitive(prim, vals, params)  # the user's errors surface here, as in eager
         outs = out if prim.multiple_results else (out,)
-        avals = tuple(aval_of(o) for o in outs)
+        avals = tuple([aval_of(o) for o in outs])
         try:
-            op = Op(prim, params, tuple(inputs), avals, prim.multiple_results,
-                    user_location(), has_host_effect(prim, params), tuple(slots),
-                    placements(None if i[0] == NODE else v for i, v in zip(inputs, vals)),
-                    placements(outs))
+            # The source line is only for telemetry's record events: finding it
+            # walks the stack, a cost every op would pay for nothing otherwise.
+            where = "" if telemetry is None else user_location()
+            op = Op(prim, params, tuple(inputs), avals, prim.multiple_results, where,
+                    has_host_effect(prim, params), tuple(slots),
+                    tuple(places) if committed else (), placements(outs))
             self.rec.ops.append(op)
             if feeds:
                 self.rec.feeds[pos] = tuple(feeds)
-            if self.telemetry is not None:
-                self.telemetry.slice(events.RECORD, self.name, self.step, start,
-                                     {"op": op.label, "where": op.where})
+            if telemetry is not None:
+                telemetry.slice(events.RECORD, self.name, self.step, start,
+                                {"op": op.label, "where": where})
         except Exception as err:
             self.internal_failure(err, "recording an op")
             return out
@@ -494,7 +504,8 @@ class StepRun:
         inputs = [*ct_inputs, *((NODE, p, o) for p, o in region.diff), *external_inputs(spec)]
         vals = ([local_value(c.value()) for c in cts]
                 + [local_value(self._region_input(region, inp)) for inp in inputs[len(cts):]])
-        op = Op(GRAD, {"spec": spec}, tuple(inputs), (), True, user_location(), False, (),
+        where = "" if self.telemetry is None else user_location()
+        op = Op(GRAD, {"spec": spec}, tuple(inputs), (), True, where, False, (),
                 placements(None if i[0] == NODE else v for i, v in zip(inputs, vals)))
         start = time.perf_counter_ns()
         with eager():

@@ -17,9 +17,12 @@ from typing import Any, Callable, Protocol
 
 import jax
 import numpy as np
-from jax._src import api_util, array, config, core, dtypes, literals, pjit, source_info_util
+from jax._src import (
+    api_util, array, config, core, dtypes, literals, pjit, source_info_util, tree_util,
+)
 from jax._src import linear_util as lu
 from jax._src.interpreters import pxla
+from jax._src.lib import _jax
 from jax._src.interpreters import partial_eval as pe
 from jax._src.lax import lax as lax_internal
 
@@ -354,10 +357,13 @@ def _leaf_avals(args) -> tuple | None:
     """The avals of array-like arguments; None if one is a pytree, a ref or unknown."""
     avals = []
     for x in args:
-        to_aval = core.pytype_aval_mappings.get(type(x))  # never formats x (a fetch)
-        if to_aval is None:
-            return None
-        aval = to_aval(x)
+        if type(x) is array.ArrayImpl:
+            aval = aval_of(x)
+        else:
+            to_aval = core.pytype_aval_mappings.get(type(x))  # never formats x (a fetch)
+            if to_aval is None:
+                return None
+            aval = to_aval(x)
         if type(aval) is not core.ShapedArray:  # refs, tokens: JAX checks them
             return None
         avals.append(aval)
@@ -366,6 +372,8 @@ def _leaf_avals(args) -> tuple | None:
 
 def _static_given(ji, args) -> bool:
     """Whether a static argument is among the positional ones (it is keyed by value)."""
+    if not ji.static_argnums:
+        return False
     n = len(args)
     return any(-n <= i < n for i in ji.static_argnums)
 
@@ -419,8 +427,75 @@ def bind_op(prim: Primitive, args: Any, params: dict) -> Any:
 
 def eval_primitive(prim: Primitive, args: Any, params: dict) -> Any:
     """Run one primitive eagerly, below any Terra trace."""
+    if prim is pjit.jit_p:
+        run = _jit_callable(params)
+        if run is not None and _concrete_args(args):
+            if core.trace_ctx.trace is core.eval_trace:  # as `bind` leaves it for the recorder
+                return run(*args)
+            with core.take_current_trace():
+                return run(*args)
     with core.take_current_trace():
         return bind_op(prim, args, params)
+
+
+# -- nested jits run eagerly -----------------------------------------------------
+# Eager JAX calls a jnp ufunc through jit's C++ object, which finds the compiled
+# executable by the arguments' signature. `jit_p`'s impl, which the recorder
+# reaches instead, builds a new C++ object on every call (pjit._pjit_call_impl)
+# and pays that lookup's slow half each time. The same op params (the same dict:
+# `_infer_params_fast` caches them) get one C++ object here, built as the impl
+# builds it, so a recorded jit op runs as eager's ufunc call does.
+_jit_callables: dict = {}  # id(params) -> (params, C++ jit callable or None); params kept alive
+
+
+def _concrete_args(args) -> bool:
+    """Whether `bind` would pass the arguments to the impl as they are."""
+    for x in args:
+        if isinstance(x, core.Tracer):
+            return False
+    return not config.debug_key_reuse.value
+
+
+def _jit_callable(params: dict) -> Callable | None:
+    """The C++ jit callable of a jit op's params; None where `bind` must run."""
+    entry = _jit_callables.get(id(params))
+    if entry is not None and entry[0] is params:
+        return entry[1]
+    callable_ = None if params["jaxpr"].jaxpr.is_high else _new_jit_callable(params)
+    if len(_jit_callables) >= _JIT_CACHE_SIZE:
+        _jit_callables.pop(next(iter(_jit_callables)))
+    _jit_callables[id(params)] = (params, callable_)
+    return callable_
+
+
+def _new_jit_callable(params: dict) -> Callable:
+    """What pjit._pjit_call_impl builds and calls, kept."""
+    jaxpr = params["jaxpr"]
+
+    def cache_miss(*args):  # the impl's, for the arguments of this call
+        with core.take_current_trace():
+            out_flat, compiled, pgle_profiler, const_args = pjit._pjit_call_impl_python(
+                *args, **params)
+        fastpath = pjit._get_fastpath_data(
+            compiled, pjit.tree_structure(out_flat), args, out_flat, jaxpr.effects,
+            jaxpr.consts, pgle_profiler, const_args)
+        return out_flat, fastpath, pjit._need_to_rebuild_with_fdo(pgle_profiler)
+
+    p = params
+    fun = pjit._get_jaxpr_as_fun(
+        jaxpr, p["in_shardings"], p["out_shardings"], p["in_layouts"], p["out_layouts"],
+        p["donated_invars"], p["ctx_mesh"], p["name"], p["keep_unused"], p["inline"],
+        p["compiler_options_kvs"])
+    cache_key = pxla.JitGlobalCppCacheKeys(
+        donate_argnums=tuple(i for i, d in enumerate(p["donated_invars"]) if d),
+        donate_argnames=None, device=None, backend=None,
+        in_shardings_treedef=None, in_shardings_leaves=p["in_shardings"],
+        out_shardings_treedef=None, out_shardings_leaves=p["out_shardings"],
+        in_layouts_treedef=None, in_layouts_leaves=p["in_layouts"],
+        out_layouts_treedef=None, out_layouts_leaves=p["out_layouts"])
+    return _jax.pjit(
+        p["name"], fun, cache_miss, [], [], cache_key, tree_util.dispatch_registry,
+        pxla.cc_shard_arg, pjit._get_cpp_global_cache(cache_key.contains_explicit_attributes))
 
 
 def eager():
@@ -434,6 +509,8 @@ def local_value(value: Any) -> Any:
     The download builds a jax.Array, which must not be intercepted by the
     step's trace: it runs eagerly, as the executor's own threads would.
     """
+    if type(value) is array.ArrayImpl:  # the common case, before an ABC's isinstance
+        return value
     if isinstance(value, executor.RemoteValue):
         with core.take_current_trace():
             return value.local()
@@ -595,7 +672,12 @@ def install_autodiff_hooks() -> None:
         jax.vjp = _elidable_vjp(jax.vjp)
 
 
-aval_of: Callable[[Any], AbstractValue] = core.typeof
+def aval_of(x: Any) -> AbstractValue:
+    """`core.typeof(x)`. A single-device array's is its `aval` (typeof would
+    rebuild it from the sharding, which only a NamedSharding changes)."""
+    if type(x) is array.ArrayImpl and type(x.sharding) is jax.sharding.SingleDeviceSharding:
+        return x.aval
+    return core.typeof(x)
 
 
 # -- placements: where eager JAX keeps a value ---------------------------------
@@ -609,6 +691,8 @@ def placement_of(x: Any) -> Any:
     """The sharding of a committed array; None for values eager JAX may move."""
     if type(x) is Placeholder:
         x = x.value()
+    if type(x) is array.ArrayImpl:  # the common case, before an ABC's isinstance
+        return x.sharding if x._committed else None
     if isinstance(x, core.Tracer) or not isinstance(x, jax.Array) or not x.committed:
         return None
     return x.sharding
@@ -632,6 +716,8 @@ def uncommitted(x: Any) -> Any:
 
 def has_host_effect(prim: Primitive, params: dict) -> bool:
     """Whether the op must run at its place in Python's order (prints, callbacks)."""
+    if prim is pjit.jit_p:  # of its params, only the jaxpr has effects
+        return bool(params["jaxpr"].effects)
     if prim.name in _HOST_EFFECT_PRIMITIVES:
         return True
     for v in params.values():
@@ -665,21 +751,36 @@ _TERRA_DIR = __file__.rsplit("/", 1)[0]
 _SKIP_PREFIXES = (_TERRA_DIR, "<frozen", sys.prefix + "/lib")  # sys.prefix: our venv's site-packages
 
 
-def user_frame(skip: tuple[str, ...] = ()) -> Any:
+# Every recorded op walks the stack from JAX's internals up to the user's line:
+# whether a frame is a library's is decided once per code object (keyed by id:
+# a code object hashes its contents; the entry keeps it alive, so ids stay unique).
+_library_code: dict = {}  # id(code) -> (code, whether its file is JAX's, Terra's or a library's)
+_LIBRARY_CODE_MAX = 100_000  # bounds the memory of programs that generate code
+
+
+def _is_library(code) -> bool:
+    entry = _library_code.get(id(code))
+    if entry is not None:
+        return entry[1]
+    name = code.co_filename
+    library = name.startswith(_SKIP_PREFIXES) or "site-packages" in name
+    if len(_library_code) >= _LIBRARY_CODE_MAX:
+        _library_code.clear()
+    _library_code[id(code)] = (code, library)
+    return library
+
+
+def user_frame() -> Any:
     """The innermost frame outside JAX, Terra and libraries (None if there is none)."""
     f = sys._getframe(1)
-    prefixes = _SKIP_PREFIXES + skip
-    while f is not None:
-        name = f.f_code.co_filename
-        if not name.startswith(prefixes) and "site-packages" not in name:
-            return f
+    while f is not None and _is_library(f.f_code):
         f = f.f_back
-    return None
+    return f
 
 
-def user_location(skip: tuple[str, ...] = ()) -> str:
+def user_location() -> str:
     """`file:line` of the innermost frame outside JAX, Terra and libraries."""
-    f = user_frame(skip)
+    f = user_frame()
     return "<unknown>" if f is None else f"{f.f_code.co_filename}:{f.f_lineno}"
 
 

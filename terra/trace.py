@@ -40,7 +40,7 @@ class Op:
     inputs: tuple            # tuple of Input
     out_avals: tuple         # one aval per output
     multiple_results: bool
-    where: str               # user source location, for diagnostics
+    where: str               # user source location, for telemetry ("" while it is off)
     host_effect: bool        # must run in Python at its place (prints, callbacks)
     feed_slots: tuple = ()   # indices of inputs that are feeds
     # Shardings of committed arrays (see intercept.placement_of), one per input
@@ -76,8 +76,8 @@ class Op:
 
 def placements(values) -> tuple:
     """Op.placements / out_placements of `values`: () unless some value is committed."""
-    found = tuple(placement_of(v) for v in values)
-    return found if any(p is not None for p in found) else ()
+    found = tuple([placement_of(v) for v in values])
+    return found if found.count(None) != len(found) else ()
 
 
 def params_equal(a: dict, b: dict) -> bool:
