@@ -38,12 +38,14 @@ class ExecutableStore:
         path = self.directory / f"{self._key(lowered)}.xla"
         compiled = self._load(path)
         if compiled is not None:
-            self._count("loaded")
+            with self._lock:
+                self.loaded += 1
             return compiled
         compiled = lowered.compile()
-        self._count("compiled")
-        if not self._save(path, compiled):
-            self._count("unsaved")
+        saved = self._save(path, compiled)
+        with self._lock:
+            self.compiled += 1
+            self.unsaved += not saved
         return compiled
 
     @staticmethod
@@ -57,10 +59,8 @@ class ExecutableStore:
         try:
             payload, in_tree, out_tree = pickle.loads(path.read_bytes())
             return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
-        except FileNotFoundError:
+        except Exception:  # missing, or unreadable (other JAX build): compiled and written again
             return None
-        except Exception:
-            return None  # unreadable (torn, other JAX build): compiled again and overwritten
 
     def _save(self, path: Path, compiled: jax.stages.Compiled) -> bool:
         try:
@@ -69,10 +69,6 @@ class ExecutableStore:
             return False
         write_atomically(path, data)
         return True
-
-    def _count(self, what: str) -> None:
-        with self._lock:
-            setattr(self, what, getattr(self, what) + 1)
 
 
 def write_atomically(path: Path, data: bytes) -> None:

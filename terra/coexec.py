@@ -228,7 +228,7 @@ class StepRun:
         for j, x in enumerate(values):
             if j in taken:
                 continue
-            own = type(x) is Placeholder and x._run is self
+            own = self._owns(x)
             if kind == NODE:
                 if own and x._pos == a and x._out == b:
                     return j

@@ -291,16 +291,22 @@ def test_retrace_limit_stays_eager_and_warns_once():
 
 # -- compilation in the background, run-ahead, interruptible fetches ------------------
 
-def test_compilation_never_stalls_python(monkeypatch):
+def _hold_compiles(monkeypatch) -> threading.Event:
+    """Background compiles wait (up to 30 s) until the returned event is set."""
     monkeypatch.setenv("TERRA_SYNC_COMPILE", "0")
     real_compile = generate.compile_segment
     release = threading.Event()
 
-    def slow_compile(seg, executor):
+    def held_compile(seg, executor):
         release.wait(30)
         return real_compile(seg, executor)
 
-    monkeypatch.setattr(generate, "compile_segment", slow_compile)
+    monkeypatch.setattr(generate, "compile_segment", held_compile)
+    return release
+
+
+def test_compilation_never_stalls_python(monkeypatch):
+    release = _hold_compiles(monkeypatch)
     step = terra.function(_step)
     w = jnp.ones(3)
     for i in range(8):                       # compile is blocked: steps keep running eagerly
@@ -317,15 +323,7 @@ def test_compilation_never_stalls_python(monkeypatch):
 def test_wait_for_graph_covers_paths_learned_while_compiling(monkeypatch):
     """A path first taken while the first graph compiles is in the graph that
     `wait_for_graph` leaves in use: its next step co-executes, no fallback."""
-    monkeypatch.setenv("TERRA_SYNC_COMPILE", "0")
-    real_compile = generate.compile_segment
-    release = threading.Event()
-
-    def held_compile(seg, executor):
-        release.wait(30)
-        return real_compile(seg, executor)
-
-    monkeypatch.setattr(generate, "compile_segment", held_compile)
+    release = _hold_compiles(monkeypatch)
 
     def body(w, x):
         return w - 0.1 * jnp.mean(jnp.tanh(x @ w[:, None])) * w
