@@ -133,7 +133,7 @@ class StepRun:
         else:
             self._diverge(f"expected {self._expected()}, got {prim.name}")
             return None
-        if child not in self.program.members:
+        if child not in self.program.ready:
             self._diverge(f"{prim.name} follows a path the current graph does not cover yet")
             return None
         pos = child.pos
@@ -399,7 +399,7 @@ class StepRun:
                 op = child.op
                 if (op.prim is GRAD and op.params["spec"] == spec
                         and op.inputs[:len(cts)] == ct_inputs):
-                    if child in self.program.members:
+                    if child in self.program.ready:
                         return self._enter_node(trace, child, ())
                     break
             self._diverge("the differentiated function took a new path")

@@ -147,7 +147,7 @@ class GraphNode:
     """One op in the TraceGraph; `pos` is its index along its path."""
 
     __slots__ = ("op", "pos", "parent", "children", "fetch_after", "ends_here",
-                 "needed", "feed_tokens", "feed_values", "id")
+                 "needed", "feed_tokens", "feed_values", "id", "visits")
 
     def __init__(self, op: Op | None, pos: int, parent: "GraphNode | None", node_id: int):
         self.op = op
@@ -160,6 +160,7 @@ class GraphNode:
         self.feed_tokens: dict = {}   # input index -> token (None once it varied)
         self.feed_values: dict = {}   # input index -> last value seen
         self.id = node_id
+        self.visits = 0               # recorded steps that passed here
 
     def find_child(self, op: Op) -> "GraphNode | None":
         for child in self.children:
@@ -196,6 +197,7 @@ class TraceGraph:
                     node.children.append(child)
                     grew = True
                 self._merge_feeds(child, rec.feeds.get(pos, ()), op)
+                child.visits += 1
                 node = child
                 keys = fetches_by_pos.get(pos)
                 if keys:
