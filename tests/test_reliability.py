@@ -265,7 +265,8 @@ def test_long_run_with_changing_paths_stays_bounded():
     np.testing.assert_allclose(w_r, w_e, rtol=1e-5)
     r, n = repeating.stats(), never.stats()
     assert r.paths == 50 and r.compiles == 1 and r.coexecuted > 900 and not r.gave_up
-    assert len(repeating._executables) <= 50
+    # one executable per path, plus the block all paths share (staging the fill value)
+    assert len(repeating._executables) <= r.paths + 1
     msgs = [str(w.message) for w in caught if issubclass(w.category, terra.TerraWarning)]
     assert len(msgs) == 1 and "max_paths=32" in msgs[0]
     assert n.gave_up and n.eager >= 100 - 33 and never._graph.num_nodes == 0
