@@ -75,6 +75,7 @@ class StepFunction:
         self._stats = Stats()
         self._program: Program | None = None
         self._pending = None                      # Future of the program being compiled
+        self._compiling: Program | None = None    # ... and that program
         self._executables: dict = {}              # segment signature -> compiled executable
         self._busy = threading.Lock()             # held by the co-executed call in progress
         # One trace for all steps: JAX's per-call cost grows with every Trace
@@ -258,13 +259,16 @@ class StepFunction:
 
         def compile_program():
             start = time.perf_counter_ns()
+            for seg in program.segments:     # unchanged segments: compiled already
+                seg.executable = executables.get(seg.signature)
+            program.mark_ready()
             compiled = 0
-            for seg in program.segments:
-                exe = executables.get(seg.signature)
-                if exe is None:
-                    exe = executables[seg.signature] = generate.compile_segment(seg, executor)
+            for seg in program.compile_order():
+                if seg.executable is None:
+                    seg.executable = executables[seg.signature] = \
+                        generate.compile_segment(seg, executor)
                     compiled += 1
-                seg.executable = exe
+                    program.mark_ready()     # its paths can co-execute before the rest compiles
             if store is not None:
                 store.save(graph, program.version)  # lowering ran every custom_jvp rule it needs
             if telemetry is not None:
@@ -275,6 +279,7 @@ class StepFunction:
             return program, compiled
 
         stats.compiles += 1
+        self._compiling = program
         self._pending = self._executor.compile(compile_program)
         # Tests want a deterministic switch to co-execution; so does a multi-process
         # run: every process must run the same computations in the same order, or
@@ -285,9 +290,12 @@ class StepFunction:
 
     def _adopt_compiled_program(self) -> None:
         pending = self._pending
-        if pending is None or not pending.done():
+        if pending is None:
             return
-        self._pending = None
+        if not pending.done():
+            self._adopt_first_compiled_paths()
+            return
+        self._pending = self._compiling = None
         try:
             program, compiled = pending.result()
         except Exception as err:
@@ -298,6 +306,15 @@ class StepFunction:
         live = {seg.signature for seg in program.segments}
         for sig in [s for s in self._executables if s not in live]:
             del self._executables[sig]
+
+    def _adopt_first_compiled_paths(self) -> None:
+        """Before any graph is in use, co-execute the paths whose segments are compiled.
+
+        A later graph waits until it is fully compiled: the one in use may cover
+        paths whose segments the new one still compiles.
+        """
+        if self._program is None and self._compiling.covers_a_path():
+            self._program = self._compiling
 
     def _internal_failure(self, err: Exception, doing: str) -> None:
         if isinstance(err, TerraExecutorError):

@@ -30,7 +30,7 @@ from terra.coexec import TerraWarning
 from terra.intercept import dump_ops, load_ops
 from terra.trace import TraceGraph
 
-FORMAT = 1  # bumped when what a saved graph holds changes
+FORMAT = 2  # bumped when what a saved graph holds changes
 
 
 class GraphStore:

@@ -140,7 +140,7 @@ class StepRun:
     def _enter_validated(self, trace, child: GraphNode, args):
         """`child` is the op Python applied: check its feeds, then enter it (None: diverged)."""
         op, pos = child.op, child.pos
-        if child not in self.program.members:
+        if child not in self.program.ready:
             self._diverge(f"{op.prim.name} follows a path the current graph does not cover yet")
             return None
         if op.feed_slots:
@@ -497,7 +497,7 @@ class StepRun:
                 op = child.op
                 if (op.prim is GRAD and op.params["spec"] == spec
                         and op.inputs[:len(cts)] == ct_inputs):
-                    if child in self.program.members:
+                    if child in self.program.ready:
                         return self._enter_node(trace, child, ())
                     break
             self._diverge("the differentiated function took a new path")

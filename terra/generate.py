@@ -98,9 +98,34 @@ class Program:
     version: int
     segment_of: dict            # GraphNode -> Segment (absent for host-effect ops)
     dispatch_at: dict           # GraphNode -> [Segment] to dispatch once Python validated it
-    members: frozenset          # GraphNodes this program knows
+    blocks: list                # (nodes, segments) of each block
     segments: list
     predictions: dict           # GraphNode -> ((slot, feed token), ...) baked into segments
+    # GraphNodes that can co-execute now: those of blocks whose segments all have
+    # executables. Grows while the program compiles (written by the compile thread).
+    ready: frozenset = frozenset()
+
+    def mark_ready(self) -> None:
+        """Publish the blocks whose segments are all compiled by now."""
+        ready = set(self.ready)
+        for nodes, segments in self.blocks:
+            if nodes[0] not in ready and all(s.executable is not None for s in segments):
+                ready.update(nodes)
+        self.ready = frozenset(ready)
+
+    def compile_order(self) -> list:
+        """Segments of the paths recorded steps took most often first (parents before children)."""
+        return sorted(self.segments, key=lambda seg: -seg.nodes[0].visits)
+
+    def covers_a_path(self) -> bool:
+        """Some whole step (every node from the root to a step end) can co-execute."""
+        ready = self.ready
+        for node in (n for n in ready if n.ends_here):
+            while node.op is not None and node in ready:
+                node = node.parent
+            if node.op is None:   # reached the root
+                return True
+        return False
 
 
 def build_program(graph: TraceGraph) -> Program:
@@ -108,27 +133,28 @@ def build_program(graph: TraceGraph) -> Program:
     with graph.lock:
         segment_of: dict[GraphNode, Segment] = {}
         dispatch_at: dict[GraphNode, list] = {}
-        members: set[GraphNode] = set()
+        blocks: list[tuple] = []
         segments: list[Segment] = []
         level_of: dict[GraphNode, int] = {}
         predictions: dict[GraphNode, tuple] = {}
         for block in _blocks(graph.root):
-            members.update(block)
             for n in block:
                 predicted = tuple((k, n.feed_tokens[k]) for k in n.op.feed_slots if n.predicted(k))
                 if predicted:
                     predictions[n] = predicted
+            block_segments = []
             for level, (nodes, dispatch_node) in sorted(_assign_levels(block, level_of).items()):
                 seg = Segment(nodes, index=len(segments))
                 for n in nodes:
                     segment_of[n] = seg
                 dispatch_at.setdefault(dispatch_node, []).append(seg)
                 segments.append(seg)
+                block_segments.append(seg)
+            blocks.append((block, block_segments))
         _wire_inputs_and_outputs(graph.root, segment_of)
         for seg in segments:
             seg.finalize()
-        return Program(graph.version, segment_of, dispatch_at, frozenset(members), segments,
-                       predictions)
+        return Program(graph.version, segment_of, dispatch_at, blocks, segments, predictions)
 
 
 def _blocks(root: GraphNode):

@@ -154,7 +154,7 @@ class GraphNode:
     """One op in the TraceGraph; `pos` is its index along its path."""
 
     __slots__ = ("op", "pos", "parent", "children", "fetch_after", "ends_here",
-                 "needed", "feed_tokens", "feed_values", "id")
+                 "needed", "feed_tokens", "feed_values", "id", "visits")
 
     def __init__(self, op: Op | None, pos: int, parent: "GraphNode | None", node_id: int):
         self.op = op
@@ -167,6 +167,7 @@ class GraphNode:
         self.feed_tokens: dict = {}   # input index -> token (None once it varied)
         self.feed_values: dict = {}   # input index -> last value seen
         self.id = node_id
+        self.visits = 0               # recorded steps that passed here
 
     def find_child(self, op: Op) -> "GraphNode | None":
         for child in self.children:
@@ -208,6 +209,7 @@ class TraceGraph:
                     node.children.append(child)
                     grew = True
                 self._merge_feeds(child, rec.feeds.get(pos, ()), op)
+                child.visits += 1
                 node = child
                 keys = fetches_by_pos.get(pos)
                 if keys:
@@ -287,7 +289,8 @@ class TraceGraph:
                 node = stack.pop()
                 order[node] = len(nodes)
                 nodes.append((order[node.parent], node.op, node.pos, node.id, node.fetch_after,
-                              node.ends_here, node.needed, node.feed_tokens, node.feed_values))
+                              node.ends_here, node.needed, node.feed_tokens, node.feed_values,
+                              node.visits))
                 stack.extend(reversed(node.children))
             return {"nodes": nodes, "version": self.version, "endings": self.endings,
                     "num_nodes": self.num_nodes}
@@ -295,11 +298,12 @@ class TraceGraph:
     def __setstate__(self, state: dict) -> None:
         self.__init__()
         built: list[GraphNode] = []
-        for parent, op, pos, node_id, fetch_after, ends_here, needed, tokens, values in state["nodes"]:
+        for (parent, op, pos, node_id, fetch_after, ends_here, needed, tokens, values,
+             visits) in state["nodes"]:
             parent_node = self.root if parent < 0 else built[parent]
             node = GraphNode(op, pos, parent_node, node_id)
             node.fetch_after, node.ends_here, node.needed = fetch_after, ends_here, needed
-            node.feed_tokens, node.feed_values = tokens, values
+            node.feed_tokens, node.feed_values, node.visits = tokens, values, visits
             parent_node.children.append(node)
             built.append(node)
         self.version, self.endings = state["version"], state["endings"]

@@ -347,6 +347,55 @@ def test_wait_for_graph_covers_paths_learned_while_compiling(monkeypatch):
     assert stats.compiles == 2, stats
 
 
+def test_first_graph_coexecutes_paths_compiled_before_the_others(monkeypatch):
+    """While the first graph compiles, a path whose segments are compiled already
+    co-executes; the other path's steps run eagerly until its segments are done."""
+    monkeypatch.setenv("TERRA_SYNC_COMPILE", "0")
+    real_compile = generate.compile_segment
+    release = threading.Event()
+
+    def wide_path_held(seg, executor):
+        if any(getattr(a, "shape", None) == (16, 4) for a in seg.in_avals):
+            release.wait(30)
+        return real_compile(seg, executor)
+
+    monkeypatch.setattr(generate, "compile_segment", wide_path_held)
+
+    def body(w, x):
+        return w - 0.1 * jnp.mean(jnp.tanh(x @ w[:, None])) * w
+
+    step = terra.function(body)
+    w_t = w_e = jnp.ones(4)
+    rng = np.random.RandomState(0)
+
+    def run(n):
+        nonlocal w_t, w_e
+        x = rng.normal(size=(n, 4)).astype(np.float32)
+        w_t, w_e = step(w_t, x), body(w_e, x)
+        np.testing.assert_allclose(np.asarray(w_t), np.asarray(w_e), rtol=1e-5)
+
+    try:
+        for n in (8, 16, 8):                  # both paths traced, the narrow one more often;
+            run(n)                            # the graph starts compiling
+        deadline = time.time() + 30
+        while step.stats().coexecuted == 0 and time.time() < deadline:
+            run(8)                            # its segments compile first
+            time.sleep(0.01)
+        narrow = step.stats()
+        assert narrow.coexecuted > 0 and narrow.fallbacks == 0, narrow
+        run(16)                               # its segments still compiling: falls back
+        assert step.stats().fallbacks == 1 and step.stats().segments_compiled == 0
+    finally:
+        release.set()
+    assert step.wait_for_graph(30)
+    coexecuted = step.stats().coexecuted
+    for n in (16, 8, 16):
+        run(n)
+    stats = step.stats()
+    assert stats.coexecuted == coexecuted + 3 and stats.fallbacks == 1, stats
+    assert stats.compiles == 1, stats
+
+
 def test_graph_runs_ahead_of_python():
     """The segment is dispatched when its inputs exist: a fetch after slow Python does not wait."""
     a = jnp.asarray(np.random.RandomState(0).normal(size=(256, 256)).astype(np.float32) / 16)
