@@ -6,7 +6,9 @@ one *gradient op* after f's ops. The gradient op is evaluated by replaying
 f's recorded primal ops under `jax.vjp` — eagerly while tracing, and inside
 the generated segment when co-executing — so the primal op sequence
 determines the backward pass and JAX's linearize/transpose machinery never
-runs in the Python skeleton.
+runs in the Python skeleton. While tracing, the replay's primal values are
+also the values of the region's ops: those are recorded without being run
+(see `coexec.StepRun._defer`), so the forward pass runs once, as in eager.
 
 A region's ops are those recorded between the region's start and its gradient
 op; regions do not nest (a grad inside f runs JAX's own autodiff, recorded as
@@ -82,8 +84,10 @@ def external_inputs(spec: GradSpec) -> list:
     return list(seen)
 
 
-def gradient(spec: GradSpec, diff_values: list, external: Callable[[tuple], Any]) -> list:
-    """d(out)/d(diff) by replaying the region's primal ops under `jax.vjp`.
+def gradient(spec: GradSpec, diff_values: list, external: Callable[[tuple], Any],
+             keep: tuple = ()) -> tuple[list, list]:
+    """d(out)/d(diff) by replaying the region's primal ops under `jax.vjp`, and
+    the primal values of the region's outputs `keep` (ValueKeys) on the way.
 
     `external(inp)` returns the value of an external input (see
     `external_inputs`). Works on concrete arrays (eagerly) and inside jit.
@@ -106,16 +110,20 @@ def gradient(spec: GradSpec, diff_values: list, external: Callable[[tuple], Any]
             outs = out if op.multiple_results else (out,)
             for o, v in enumerate(outs):
                 env[(pos, o)] = v
-        return env[spec.out]
+        return env[spec.out], [env[key] for key in keep]
 
-    value, pullback = jax.vjp(primal, *diff_values)
-    return list(pullback(jnp.ones_like(value)))
-
+    value, pullback, kept = jax.vjp(primal, *diff_values, has_aux=True)
+    return list(pullback(jnp.ones_like(value))), kept
 
 
 def apply_gradient_op(op, vals: list) -> list:
     """Evaluate a gradient op on its input values (diff values, then externals)."""
+    return gradient_and_primals(op, vals, ())[0]
+
+
+def gradient_and_primals(op, vals: list, keep: tuple) -> tuple[list, list]:
+    """`apply_gradient_op`, and the primal values of the region's outputs `keep`."""
     spec = op.params["spec"]
     n = len(spec.diff)
     external = dict(zip(op.inputs[n:], vals[n:]))
-    return gradient(spec, vals[:n], external.__getitem__)
+    return gradient(spec, vals[:n], external.__getitem__, keep)
