@@ -705,9 +705,10 @@ _TERRA_DIR = __file__.rsplit("/", 1)[0]
 _SKIP_PREFIXES = (_TERRA_DIR, "<frozen", sys.prefix + "/lib")  # sys.prefix: our venv's site-packages
 
 
-# Every recorded op walks the stack from JAX's internals up to the user's line:
-# whether a frame is a library's is decided once per code object (keyed by id:
-# a code object hashes its contents; the entry keeps it alive, so ids stay unique).
+# Telemetry's record events, divergences and fetches walk the stack from JAX's
+# internals up to the user's line: whether a frame is a library's is decided once
+# per code object (keyed by id: a code object hashes its contents; the entry
+# keeps it alive, so ids stay unique).
 _library_code: dict = {}  # id(code) -> (code, whether its file is JAX's, Terra's or a library's)
 _LIBRARY_CODE_MAX = 100_000  # bounds the memory of programs that generate code
 
