@@ -263,7 +263,7 @@ class StepRun:
         inputs, vals, feeds, slots, places, committed = self._inputs(args, region)
         if region is not None:
             self._capture(region, pos, inputs, vals)
-            if not committed and deferrable(prim, params):
+            if not committed and not self._reads_committed(inputs) and deferrable(prim, params):
                 avals = output_avals(prim, [_input_aval(inp, x) for inp, x in zip(inputs, vals)],
                                      params)
                 if avals is not None:
@@ -320,6 +320,11 @@ class StepRun:
             places.append(place)
             committed = committed or place is not None
         return tuple(inputs), vals, feeds, tuple(slots), places, committed
+
+    def _reads_committed(self, inputs: tuple) -> bool:
+        """Whether an input made by an op of this step is committed (as its op recorded)."""
+        ops = self.rec.ops
+        return any(kind == NODE and ops[a].out_placement(b) is not None for kind, a, b in inputs)
 
     def _capture(self, region: Region, pos: int, inputs: tuple, vals: list) -> None:
         """Keep what the gradient op will read from outside the region."""
