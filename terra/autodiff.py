@@ -7,7 +7,9 @@ each time the pullback is called. The gradient op is evaluated by replaying
 f's recorded primal ops under `jax.vjp` — eagerly while tracing, and inside
 the generated segment when co-executing — so the primal op sequence
 determines the backward pass and JAX's linearize/transpose machinery never
-runs in the Python skeleton.
+runs in the Python skeleton. While tracing, the replay's primal values are
+also the values of the region's ops: those are recorded without being run
+(see `coexec.StepRun._defer`), so the forward pass runs once, as in eager.
 
 A region's ops are those recorded while f runs; regions do not nest (a grad
 inside f runs JAX's own autodiff, recorded as ordinary ops of the region).
@@ -87,8 +89,9 @@ def external_inputs(spec: GradSpec) -> list:
     return list(seen)
 
 
-def replay(spec: GradSpec, external: Callable[[tuple], Any]) -> Callable:
-    """The region as a function: diff values -> its outputs (`spec.outs`).
+def replay(spec: GradSpec, external: Callable[[tuple], Any], keep: tuple = ()) -> Callable:
+    """The region as a function: diff values -> (its outputs `spec.outs`, the
+    values of the region's ValueKeys `keep`).
 
     `external(inp)` returns the value of an external input (see
     `external_inputs`). Works on concrete arrays (eagerly) and inside jit.
@@ -111,24 +114,31 @@ def replay(spec: GradSpec, external: Callable[[tuple], Any]) -> Callable:
             outs = out if op.multiple_results else (out,)
             for o, v in enumerate(outs):
                 env[(pos, o)] = v
-        return tuple(env[key] for key in spec.outs)
+        return tuple(env[key] for key in spec.outs), [env[key] for key in keep]
 
     return primal
 
 
 def gradient(spec: GradSpec, diff_values: list, external: Callable[[tuple], Any],
-             cotangents: list | None = None) -> list:
-    """The region's vjp at `diff_values`, seeded with `cotangents` (grad: ones)."""
-    values, pullback = jax.vjp(replay(spec, external), *diff_values)
+             cotangents: list | None = None, keep: tuple = ()) -> tuple[list, list]:
+    """The region's vjp at `diff_values`, seeded with `cotangents` (grad: ones),
+    and the primal values of the region's ValueKeys `keep` on the way."""
+    values, pullback, kept = jax.vjp(replay(spec, external, keep), *diff_values, has_aux=True)
     if cotangents is None:
         cotangents = [jnp.ones_like(v) for v in values]
-    return list(pullback(tuple(cotangents)))
+    return list(pullback(tuple(cotangents))), kept
 
 
 def apply_gradient_op(op, vals: list) -> list:
     """Evaluate a gradient op on its input values (cotangents, diff values, externals)."""
+    return gradient_and_primals(op, vals, ())[0]
+
+
+def gradient_and_primals(op, vals: list, keep: tuple) -> tuple[list, list]:
+    """`apply_gradient_op`, and the primal values of the region's ValueKeys `keep`."""
     spec = op.params["spec"]
     k = len(spec.outs) if spec.seeded else 0
     n = k + len(spec.diff)
     external = dict(zip(op.inputs[n:], vals[n:]))
-    return gradient(spec, vals[k:n], external.__getitem__, vals[:k] if spec.seeded else None)
+    return gradient(spec, vals[k:n], external.__getitem__, vals[:k] if spec.seeded else None,
+                    keep)

@@ -2,7 +2,10 @@
 
 A `StepRun` is the handler of one step's `TerraTrace`. It is in one mode:
 
-- TRACING: run each op eagerly, record it (op key + input origins).
+- TRACING: run each op eagerly, record it (op key + input origins). Inside
+  a function being differentiated, an op is recorded without running it
+  (deferred): the gradient op's replay computes its value, as eager's
+  linearize would, so the forward pass runs once.
 - COEXEC: check each op against the TraceGraph node Python is expected to
   reach next; return placeholders; dispatch segments to the executor thread
   as soon as their inputs exist; feed Python values; fetch on demand.
@@ -17,6 +20,7 @@ import functools
 import itertools
 import time
 import warnings
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -24,12 +28,15 @@ import numpy as np
 
 from runtime.executor import RemoteValue, TerraExecutorError, wait
 from terra.telemetry import events
-from terra.autodiff import GRAD, GradSpec, apply_gradient_op, external_inputs, replay
+from terra.autodiff import (
+    GRAD, GradSpec, apply_gradient_op, external_inputs, gradient_and_primals, replay,
+)
 from terra.generate import ARG_IN, ENV, LIVE, Program, Segment
 from terra.intercept import (
     GradCall, Placeholder, TerraTrace, VjpCall, aval_of, check_gradient_output, copy_value,
-    current_handler, dispatch_context, eager, eval_primitive, frozen_copy, has_host_effect,
-    local_value, operand_value, placement_of, user_frame, user_location,
+    current_handler, deferrable, dispatch_context, eager, eval_primitive, frozen_copy,
+    has_host_effect, local_value, operand_value, output_avals, placement_of, user_frame,
+    user_location,
 )
 from terra.trace import (
     ARG, DATA, FEED, FEED_REF, NODE, GraphNode, Op, Recording, feed_token, params_equal, placements,
@@ -55,14 +62,16 @@ class TerraWarning(UserWarning):
 class Region:
     """A function being differentiated by `jax.grad` or `jax.vjp` with autodiff elision."""
 
-    __slots__ = ("start", "end", "diff", "open", "captured")
+    __slots__ = ("start", "end", "diff", "open", "captured", "values", "pending")
 
     def __init__(self, start: int, diff: tuple):
         self.start = start          # position of the region's first op
         self.end = start            # position after its last op, once closed
         self.diff = diff            # ValueKeys of the differentiated copies
         self.open = True
-        self.captured: dict = {}    # external input -> value, seen by eager ops
+        self.captured: dict = {}    # external input -> value, seen by the region's ops
+        self.values: dict = {}      # ValueKey -> value of a region op that ran
+        self.pending: deque = deque()  # positions of deferred ops that did not run yet, in order
 
     def computed(self, x: Any) -> bool:
         """Whether placeholder `x` is a value of the region (what it can differentiate)."""
@@ -104,6 +113,7 @@ class StepRun:
         self.cone: dict = {}                 # ValueKey -> value computed eagerly on demand
         self.futures: dict = {}              # id(Segment) -> Future of its dispatch
         self.region: Region | None = None    # open autodiff-elision region
+        self.deferred: Region | None = None  # a region with deferred ops not run yet
         self.telemetry = events.recorder     # None while telemetry is off
         self.name = owner.telemetry_name
         self.step = owner._stats.steps
@@ -350,14 +360,52 @@ class StepRun:
 
     # -- TRACING / FALLBACK ----------------------------------------------------
     def _apply_eager(self, trace, prim, args, params):
+        region = self.region
         pos = len(self.rec.ops)
+        inputs, vals, feeds, slots, places, committed = self._inputs(args, region)
+        if region is not None:
+            self._capture(region, pos, inputs, vals)
+            if not committed and not self._reads_committed(inputs) and deferrable(prim, params):
+                avals = output_avals(prim, [_input_aval(inp, x) for inp, x in zip(inputs, vals)],
+                                     params)
+                if avals is not None:
+                    return self._defer(trace, region, prim, params, pos, inputs, feeds, slots,
+                                       avals, args)
+            vals = [self._concrete(x) for x in vals]
+        telemetry = self.telemetry
+        start = 0 if telemetry is None else time.perf_counter_ns()
+        out = eval_primitive(prim, vals, params)  # the user's errors surface here, as in eager
+        outs = out if prim.multiple_results else (out,)
+        avals = tuple([aval_of(o) for o in outs])
+        if region is not None:  # what deferred ops of the region may read
+            for o, v in enumerate(outs):
+                region.values[(pos, o)] = v
+        try:
+            self._record(Op(prim, params, inputs, avals, prim.multiple_results,
+                            self._where(), has_host_effect(prim, params), slots,
+                            tuple(places) if committed else (), placements(outs)),
+                         feeds, start)
+        except Exception as err:
+            self.internal_failure(err, "recording an op")
+            return out
+        differentiated = None if region is None else self._differentiated_region(args)
+        phs = [Placeholder(trace, a, self, pos, o, v, differentiated)
+               for o, (a, v) in enumerate(zip(avals, outs))]
+        return phs if prim.multiple_results else phs[0]
+
+    def _inputs(self, args, region: Region | None) -> tuple:
+        """(inputs, values, feeds, feed slots, placements, whether one is committed).
+
+        Inside a region a value of this step stays a placeholder: the op may be
+        deferred (see `_defer`), and then needs no input value.
+        """
         inputs, vals, feeds, slots = [], [], [], []
         # Placements of ARG and FEED inputs (a NODE's producer decides its own).
         places, committed = [], False
         for k, x in enumerate(args):
             if type(x) is Placeholder and x._run is self:
                 inputs.append((NODE, x._pos, x._out))
-                vals.append(local_value(x.value()))
+                vals.append(x if region is not None else local_value(x.value()))
                 places.append(None)
                 continue
             i = self.arg_ids.get(id(x))
@@ -373,38 +421,85 @@ class StepRun:
             place = placement_of(v)
             places.append(place)
             committed = committed or place is not None
-        region = self.region
-        if region is not None:  # keep what the gradient op will read from outside
-            for k, (inp, v) in enumerate(zip(inputs, vals)):
-                if inp[0] == FEED:
-                    region.captured[(FEED_REF, pos, k)] = v
-                elif inp[0] == ARG or inp[1] < region.start:
-                    region.captured[inp] = v
-            region = self._differentiated_region(args)
-        telemetry = self.telemetry
-        start = 0 if telemetry is None else time.perf_counter_ns()
-        out = eval_primitive(prim, vals, params)  # the user's errors surface here, as in eager
-        outs = out if prim.multiple_results else (out,)
-        avals = tuple([aval_of(o) for o in outs])
+        return tuple(inputs), vals, feeds, tuple(slots), places, committed
+
+    def _reads_committed(self, inputs: tuple) -> bool:
+        """Whether an input made by an op of this step is committed (as its op recorded)."""
+        ops = self.rec.ops
+        return any(kind == NODE and ops[a].out_placement(b) is not None for kind, a, b in inputs)
+
+    def _capture(self, region: Region, pos: int, inputs: tuple, vals: list) -> None:
+        """Keep what the gradient op will read from outside the region."""
+        for k, (inp, v) in enumerate(zip(inputs, vals)):
+            if inp[0] == FEED:
+                region.captured[(FEED_REF, pos, k)] = v
+            elif inp[0] == ARG:
+                region.captured[inp] = v
+            elif inp[1] < region.start:
+                region.captured[inp] = self._concrete(v)
+
+    def _defer(self, trace, region: Region, prim, params, pos: int, inputs: tuple, feeds: list,
+               slots: tuple, avals: tuple, args) -> Any:
+        """Record a region op without running it: the gradient op's replay computes
+        its value (and Python asking for it earlier runs the deferred ops up to it)."""
+        start = 0 if self.telemetry is None else time.perf_counter_ns()
         try:
-            # The source line is only for telemetry's record events: finding it
-            # walks the stack, a cost every op would pay for nothing otherwise.
-            where = "" if telemetry is None else user_location()
-            op = Op(prim, params, tuple(inputs), avals, prim.multiple_results, where,
-                    has_host_effect(prim, params), tuple(slots),
-                    tuple(places) if committed else (), placements(outs))
-            self.rec.ops.append(op)
-            if feeds:
-                self.rec.feeds[pos] = tuple(feeds)
-            if telemetry is not None:
-                telemetry.slice(events.RECORD, self.name, self.step, start,
-                                {"op": op.label, "where": where})
+            self._record(Op(prim, params, inputs, avals, prim.multiple_results, self._where(),
+                            False, slots), feeds, start)
         except Exception as err:
             self.internal_failure(err, "recording an op")
-            return out
-        phs = [Placeholder(trace, a, self, pos, o, v, region)
-               for o, (a, v) in enumerate(zip(avals, outs))]
+            return self._apply_passthrough(prim, args, params)
+        region.pending.append(pos)
+        self.deferred = region
+        differentiated = self._differentiated_region(args)
+        phs = [Placeholder(trace, a, self, pos, o, None, differentiated)
+               for o, a in enumerate(avals)]
         return phs if prim.multiple_results else phs[0]
+
+    def _record(self, op: Op, feeds: list, start: int) -> None:
+        pos = len(self.rec.ops)
+        self.rec.ops.append(op)
+        if feeds:
+            self.rec.feeds[pos] = tuple(feeds)
+        if self.telemetry is not None:
+            self.telemetry.slice(events.RECORD, self.name, self.step, start,
+                                 {"op": op.label, "where": op.where})
+
+    def _where(self) -> str:
+        # The source line is only for telemetry's record events: finding it
+        # walks the stack, a cost every op would pay for nothing otherwise.
+        return "" if self.telemetry is None else user_location()
+
+    def _run_deferred(self, region: Region, upto: int) -> None:
+        """Run the region's deferred ops up to position `upto`, in program order."""
+        while region.pending and region.pending[0] <= upto:
+            pos = region.pending.popleft()
+            op = self.rec.ops[pos]
+            vals = [local_value(self._deferred_input(region, pos, k, inp))
+                    for k, inp in enumerate(op.inputs)]
+            out = eval_primitive(op.prim, vals, op.params)
+            self._fill(region, pos, out if op.multiple_results else (out,))
+        if not region.pending and self.deferred is region:
+            self.deferred = None
+
+    def _deferred_input(self, region: Region, pos: int, k: int, inp: tuple) -> Any:
+        kind, a, b = inp
+        if kind == FEED:
+            return region.captured[(FEED_REF, pos, k)]
+        if kind == ARG or a < region.start:
+            return region.captured[inp]
+        v = region.values.get((a, b))
+        return v if v is not None else self.resolve(a, b)
+
+    def _fill(self, region: Region, pos: int, outs) -> None:
+        """The values of deferred op `pos`; its recorded avals must be theirs."""
+        op = self.rec.ops[pos]
+        for o, v in enumerate(outs):
+            region.values[(pos, o)] = self.cone[(pos, o)] = v
+        if tuple(aval_of(v) for v in outs) != op.out_avals:
+            self.internal_failure(AssertionError(
+                f"{op.label}: deferred avals {op.out_avals} but ran to "
+                f"{tuple(aval_of(v) for v in outs)}"), "recording a deferred op")
 
     # -- autodiff elision ------------------------------------------------------
     def in_region(self) -> bool:
@@ -434,7 +529,10 @@ class StepRun:
         if self._owns(value) and region.computed(value) and self.mode != PASSTHROUGH:
             grads = self._gradient_op(region, ((value._pos, value._out),), None, copies)
         else:  # the output does not depend on the differentiated values
+            self._run_deferred(region, len(self.rec.ops))
             grads = [jax.numpy.zeros_like(c) for c in copies]
+        region.values.clear()  # every value the region's ops read or made is settled now
+        region.captured.clear()
         trees = jax.tree.unflatten(treedef, grads)
         g = trees[0] if isinstance(call.argnums, int) else tuple(trees)
         if call.with_value:
@@ -472,6 +570,8 @@ class StepRun:
 
     def _run_region(self, copies: list, fun, args, kwargs: dict) -> tuple:
         """Run the differentiated function's Python on the copies: (Region, its output)."""
+        if self.deferred is not None:  # left by a vjp, or a differentiated function that raised
+            self._run_deferred(self.deferred, len(self.rec.ops))
         region = Region(len(self.rec.ops), tuple((c._pos, c._out) for c in copies))
         for c in copies:
             c._region = region
@@ -504,12 +604,19 @@ class StepRun:
         inputs = [*ct_inputs, *((NODE, p, o) for p, o in region.diff), *external_inputs(spec)]
         vals = ([local_value(c.value()) for c in cts]
                 + [local_value(self._region_input(region, inp)) for inp in inputs[len(cts):]])
-        where = "" if self.telemetry is None else user_location()
-        op = Op(GRAD, {"spec": spec}, tuple(inputs), (), True, where, False, (),
+        op = Op(GRAD, {"spec": spec}, tuple(inputs), (), True, self._where(), False, (),
                 placements(None if i[0] == NODE else v for i, v in zip(inputs, vals)))
         start = time.perf_counter_ns()
+        # The replay computes the primal values of the deferred ops on its way.
+        keep = [(p, o) for p in region.pending for o in range(len(self.rec.ops[p].out_avals))]
         with eager():
-            grads = apply_gradient_op(op, vals)
+            grads, kept = gradient_and_primals(op, vals, tuple(keep))
+        values = dict(zip(keep, kept))
+        while region.pending:
+            p = region.pending.popleft()
+            self._fill(region, p, [values[(p, o)] for o in range(len(self.rec.ops[p].out_avals))])
+        if self.deferred is region:
+            self.deferred = None
         op.out_avals = tuple(aval_of(g) for g in grads)
         op.out_placements = placements(grads)
         self.rec.ops.append(op)
@@ -554,12 +661,21 @@ class StepRun:
         return v
 
     def _available(self, key) -> Any:
-        v = self.env.get(key)
-        if v is not None:
-            return v
+        # Past a divergence, positions name ops of the new path; the graph may
+        # have run ahead on the old one, so its values only count for validated ops.
+        if key[0] < len(self.nodes):
+            v = self.env.get(key)
+            if v is not None:
+                return v
         v = self.cone.get(key)
         if v is not None:
             return v
+        region = self.deferred
+        if region is not None and region.pending and region.pending[0] <= key[0]:
+            self._run_deferred(region, key[0])  # Python needs a deferred op's value now
+            v = self.cone.get(key)
+            if v is not None:
+                return v
         pos = key[0]
         if self.program is None or pos >= len(self.nodes):
             return None
@@ -769,7 +885,7 @@ class Pullback:
 
         @functools.wraps(self._call.fun)
         def region_function(*diff_vals):
-            values = iter(primal(*diff_vals))
+            values = iter(primal(*diff_vals)[0])
             return jax.tree.unflatten(self._out_tree, [next(values) if k is not None else c
                                                        for k, c in zip(keys, constants)])
 
@@ -780,6 +896,13 @@ class Pullback:
 
 def _inexact(x: Any) -> bool:
     return jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)
+
+
+def _input_aval(inp: tuple, value: Any) -> Any:
+    kind, a, b = inp
+    if kind == NODE:
+        return value.aval  # a placeholder
+    return b if kind == ARG else a
 
 
 def _differentiable(x: Any) -> bool:

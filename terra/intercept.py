@@ -18,13 +18,15 @@ from typing import Any, Callable, Protocol
 import jax
 import numpy as np
 from jax._src import (
-    api_util, array, config, core, dtypes, literals, pjit, source_info_util, tree_util,
+    api_util, array, config, core, custom_derivatives, dtypes, literals, pjit, source_info_util,
+    tree_util,
 )
 from jax._src import linear_util as lu
 from jax._src.interpreters import pxla
 from jax._src.lib import _jax
 from jax._src.interpreters import partial_eval as pe
 from jax._src.lax import lax as lax_internal
+from jax._src.sharding_impls import UnspecifiedValue
 
 from runtime import executor
 
@@ -714,6 +716,48 @@ def uncommitted(x: Any) -> Any:
                            committed=False)
 
 
+# -- ops recorded without running them -------------------------------------------
+# Inside an elided region, the gradient op's replay under jax.vjp computes every
+# primal value of the region again (JAX's linearize runs the primal ops); so a
+# tracing step may record a region op without running it, and take its value
+# from the replay, as long as its outputs' avals and placements are known
+# without running it, and running it later changes nothing Python sees.
+_CUSTOM_CALLS = (custom_derivatives.custom_jvp_call_p, custom_derivatives.custom_vjp_call_p)
+_PLACEMENT_PRIMITIVES = frozenset({"device_put", "sharding_constraint", "mesh_cast",
+                                   "reshard", "shard_map"})
+
+
+def deferrable(prim: Primitive, params: dict) -> bool:
+    """Whether the op may run later: no host effect, outputs placed like eager's
+    (uncommitted, given uncommitted inputs), no NaN/Inf check that raises at the op."""
+    if config.debug_nans.value or config.debug_infs.value:
+        return False
+    if prim is pjit.jit_p:
+        jaxpr = params["jaxpr"]
+        return (not jaxpr.effects and not jaxpr.jaxpr.is_high
+                and all(type(s) is UnspecifiedValue for s in params["in_shardings"])
+                and all(type(s) is UnspecifiedValue for s in params["out_shardings"]))
+    return prim.name not in _PLACEMENT_PRIMITIVES and not has_host_effect(prim, params)
+
+
+def output_avals(prim: Primitive, avals: list, params: dict) -> tuple | None:
+    """The avals of the op's outputs, by abstract evaluation as jit does it;
+    None where that is not possible or could differ from running the op."""
+    if prim is pjit.jit_p:
+        return tuple(params["jaxpr"].out_avals)
+    if prim in _CUSTOM_CALLS:  # staged in a region (see _stage_custom_call): no abstract eval
+        return tuple(params["call_jaxpr"].out_avals)
+    if prim.ref_allocating or any(type(a) is not core.ShapedArray for a in avals):
+        return None
+    try:
+        out, effects = pe._cached_abstract_eval(prim, *avals, **params)
+    except Exception:  # unhashable params, or the user's error: running the op tells
+        return None
+    if effects or isinstance(out, (tuple, list)) != prim.multiple_results:
+        return None
+    return tuple(out) if prim.multiple_results else (out,)
+
+
 def has_host_effect(prim: Primitive, params: dict) -> bool:
     """Whether the op must run at its place in Python's order (prints, callbacks)."""
     if prim is pjit.jit_p:  # of its params, only the jaxpr has effects
@@ -751,9 +795,10 @@ _TERRA_DIR = __file__.rsplit("/", 1)[0]
 _SKIP_PREFIXES = (_TERRA_DIR, "<frozen", sys.prefix + "/lib")  # sys.prefix: our venv's site-packages
 
 
-# Every recorded op walks the stack from JAX's internals up to the user's line:
-# whether a frame is a library's is decided once per code object (keyed by id:
-# a code object hashes its contents; the entry keeps it alive, so ids stay unique).
+# Telemetry's record events, divergences and fetches walk the stack from JAX's
+# internals up to the user's line: whether a frame is a library's is decided once
+# per code object (keyed by id: a code object hashes its contents; the entry
+# keeps it alive, so ids stay unique).
 _library_code: dict = {}  # id(code) -> (code, whether its file is JAX's, Terra's or a library's)
 _LIBRARY_CODE_MAX = 100_000  # bounds the memory of programs that generate code
 

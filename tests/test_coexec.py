@@ -22,7 +22,7 @@ import pytest
 
 import terra
 from harness import differential
-from terra import generate
+from terra import coexec, generate
 
 
 def linear_data(seed=0, n=16, d=4):
@@ -709,3 +709,141 @@ def test_steps_reuse_one_jax_trace():
         float(step(w))
     assert step.stats().coexecuted >= 5
     assert all(t is traces[0] for t in traces)
+
+
+# -- tracing steps: a differentiated function's ops are recorded, not run ------
+# (their values come from the gradient op's replay, see coexec.StepRun._defer)
+
+def _mlp_step(opt):
+    x, y = linear_data(n=8, d=6)
+
+    def loss_fn(params):
+        h = jax.nn.relu(x @ params["w1"])               # custom_jvp inside
+        logits = h @ params["w2"]
+        loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[:, 0] * y)
+        return loss, {"h_mean": jnp.mean(h), "top": jnp.argmax(logits, axis=1)}
+
+    def step(params, state):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss, aux
+    return step
+
+
+def _mlp_params():
+    return {"w1": jnp.full((6, 5), 0.1), "w2": jnp.linspace(-1.0, 1.0, 15).reshape(5, 3)}
+
+
+def test_deferred_ops_record_the_trace_that_running_them_records(monkeypatch):
+    """Recording a differentiated function's ops without running them must give the
+    trace that running them gives: same op keys, output avals and placements."""
+    opt = optax.adam(0.1)
+
+    def recorded_ops() -> list:
+        step = terra.function(_mlp_step(opt))
+        params = _mlp_params()
+        step(params, opt.init(params))
+        node, ops = step._graph.root, []
+        while node.children:
+            (node,) = node.children
+            ops.append(node.op)
+        return ops
+
+    deferred = []
+    with monkeypatch.context() as m:
+        m.setattr(coexec.StepRun, "_defer", _counted(coexec.StepRun._defer, deferred))
+        with_deferral = recorded_ops()
+    assert len(deferred) >= 10
+    with monkeypatch.context() as m:
+        m.setattr(coexec, "deferrable", lambda prim, params: False)
+        without = recorded_ops()
+    assert len(with_deferral) == len(without)
+    for a, b in zip(with_deferral, without):
+        assert a.same_as(b), (a.label, b.label)
+        assert (a.out_avals, a.out_placements) == (b.out_avals, b.out_placements), a.label
+
+
+def _counted(method, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return method(*args, **kwargs)
+    return counted
+
+
+def test_deferred_values_equal_eager_ones_through_aux_and_optimizer():
+    opt = optax.adam(0.1)
+
+    def program(wrap, steps):
+        step = wrap(_mlp_step(opt))
+        params = _mlp_params()
+        state = opt.init(params)
+        out = []
+        for _ in range(steps):
+            params, state, loss, aux = step(params, state)
+            out.append((loss, aux))
+        return params, out
+
+    differential(program, steps=6)
+
+
+def test_deferred_value_kept_by_a_differentiated_function_that_raises():
+    """A value f computes (not from what it differentiates, so eager lets it
+    escape) and stashes away before raising is still the eager value."""
+
+    def program(wrap, steps):
+        x, y = linear_data()
+
+        @wrap
+        def step(w):
+            stash = []
+
+            def loss_fn(w):
+                err = (x @ w - y) ** 2
+                stash.append(jnp.tanh(jnp.asarray(y) * 2.0))
+                if err.shape:
+                    raise ValueError("not today")
+                return err
+
+            try:
+                jax.grad(lambda w: jnp.sum(loss_fn(w)))(w)
+            except ValueError as e:
+                print("caught", e)
+            loss, g = jax.value_and_grad(lambda w: jnp.mean((x @ w - y) ** 2))(w)
+            return w - 0.1 * g, loss + jnp.sum(stash[0])
+
+        w = jnp.zeros(4)
+        losses = []
+        for _ in range(steps):
+            w, loss = step(w)
+            losses.append(float(loss))
+        return w, losses
+
+    differential(program, steps=6)
+
+
+def test_gradient_of_a_value_computed_by_deferred_ops_and_a_debug_print():
+    """A second gradient reads the first one's aux (deferred values); a host
+    callback inside a differentiated function runs in place with its inputs."""
+
+    def program(wrap, steps):
+        x, y = linear_data()
+
+        @wrap
+        def step(w):
+            def first(w):
+                pred = x @ w
+                jax.debug.print("pred0 {}", pred[0])
+                return jnp.mean((pred - y) ** 2), pred
+
+            (loss, pred), g1 = jax.value_and_grad(first, has_aux=True)(w)
+            g2 = jax.grad(lambda p: jnp.sum(jnp.sin(p) * pred))(pred)
+            return w - 0.1 * g1 - 0.01 * (x.T @ g2), loss
+
+        w = jnp.zeros(4)
+        losses = []
+        for _ in range(steps):
+            w, loss = step(w)
+            losses.append(loss)
+        return w, losses
+
+    differential(program, steps=6)
