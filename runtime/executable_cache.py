@@ -18,7 +18,6 @@ import pickle
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
 
 import jax
 from jax.experimental import serialize_executable

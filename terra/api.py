@@ -12,7 +12,8 @@
 
 The first steps run eagerly while Terra records them; then the step
 co-executes: Python keeps running every line, and the DL ops run as a compiled
-XLA graph on the executor thread. Results are those of eager execution.
+XLA graph, dispatched asynchronously ahead of Python. Results are those of
+eager execution.
 """
 from __future__ import annotations
 
@@ -356,7 +357,7 @@ def function(fn: F | None = None, *, max_graphs: int = 8, max_paths: int = 64,
         executor: where the graph runs: "grpc://host:port" for a
             `python -m terra serve` process, or an executor object (default:
             the TERRA_EXECUTOR environment variable, else the in-process
-            executor thread). Raises `terra.TerraExecutorError` if it cannot
+            executor). Raises `terra.TerraExecutorError` if it cannot
             be reached.
 
     Example:

@@ -7,8 +7,8 @@ A `StepRun` is the handler of one step's `TerraTrace`. It is in one mode:
   (deferred): the gradient op's replay computes its value, as eager's
   linearize would, so the forward pass runs once.
 - COEXEC: check each op against the TraceGraph node Python is expected to
-  reach next; return placeholders; dispatch segments to the executor thread
-  as soon as their inputs exist; feed Python values; fetch on demand.
+  reach next; return placeholders; hand segments to the executor (XLA's
+  asynchronous dispatch) as soon as their inputs exist; feed Python values; fetch on demand.
 - FALLBACK: after a divergence, finish the step like TRACING. Values of the
   co-executed prefix resolve from dispatched segments or by evaluating their
   recorded dependency cone.
@@ -315,7 +315,7 @@ class StepRun:
         return outs
 
     def _dispatch(self, seg: Segment) -> None:
-        """Send a segment to the executor thread; its inputs all exist now."""
+        """Hand a segment to the executor; its inputs all exist now."""
         env, args, feeds = self.env, self.args, self.rec.feeds
         executable = seg.executable
         telemetry = self.telemetry

@@ -136,7 +136,7 @@ def host_transfers_case() -> dict:
 
 
 class _transfers_disallowed:
-    """Forbid host<->device transfers process-wide (the executor thread included)."""
+    """Forbid host<->device transfers process-wide (every thread included)."""
 
     NAMES = ("jax_transfer_guard_host_to_device", "jax_transfer_guard_device_to_host")
 

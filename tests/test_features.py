@@ -1146,7 +1146,7 @@ def test_flax_linen_with_optax(model):
 
 @pytest.mark.parametrize("kind", ["branch_flip_ragged_lr", "flax_batchnorm_dropout"])
 def test_async_compilation_is_transparent(kind):
-    """The production path: graphs compile in the executor thread while Python keeps
+    """The production path: graphs compile in the compile thread while Python keeps
     running eagerly (conftest's TERRA_SYNC_COMPILE=1 is switched off here). The
     switch to co-execution, and back to eager after a divergence while the new
     graph compiles, may happen at any step and must never change a result."""

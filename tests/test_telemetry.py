@@ -47,7 +47,8 @@ def make_program():
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
     params = {"w1": jax.random.normal(k1, (8, 32)) * 0.3, "b1": jnp.zeros(32),
               "w2": jax.random.normal(k2, (32, 1)) * 0.3, "b2": jnp.zeros(1)}
-    x = jax.random.normal(k3, (64, 8))
+    # A batch big enough that the graph still computes when Python reaches the branch.
+    x = jax.random.normal(k3, (65536, 8))
     y = jnp.sum(x[:, :3], axis=1, keepdims=True)
     opt = optax.adam(1e-2)
 
@@ -249,6 +250,7 @@ def test_watch_renders_a_running_program(capsys):
     telemetry.enable(stream="127.0.0.1:0")
     address = telemetry.stream_address()
     params0, opt_state0, fn = make_program()
+    fn(params0, opt_state0, 0.0)  # JAX compiles its eager ops before the 2.5 s window
     step = terra.function(fn)
     stop = threading.Event()
     runner = _run_in_background(step, params0, opt_state0, stop)

@@ -77,7 +77,7 @@ def enable(*, trace: str | None = None, explain_at_exit: bool = False,
 
 def disable() -> None:
     """Stop collecting events; flush and close every sink (timeline files, stream)."""
-    global _explain, _stream
+    global _stream
     with _lock:
         rec = events.recorder
         if rec is None:

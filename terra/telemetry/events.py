@@ -19,7 +19,7 @@ RECORD = "record"                  # an op run eagerly and recorded (tracing / f
 FEED = "feed"                      # Python values sent into the graph
 FETCH = "fetch"                    # Python asked for a value; dur = time it waited
 DIVERGENCE = "divergence"          # Python left the graph's path: the step falls back
-DISPATCH = "dispatch"              # a segment handed to XLA (executor thread)
+DISPATCH = "dispatch"              # a segment handed to XLA (the executor)
 SEGMENT = "segment"                # a segment computing on the device (until its outputs are ready)
 COMPILE = "compile"                # a graph generated and compiled (compile thread)
 GAVE_UP = "gave_up"                # retrace limit reached (or internal error): stays eager
