@@ -606,7 +606,7 @@ class StepRun:
                 + [local_value(self._region_input(region, inp)) for inp in inputs[len(cts):]])
         op = Op(GRAD, {"spec": spec}, tuple(inputs), (), True, self._where(), False, (),
                 placements(None if i[0] == NODE else v for i, v in zip(inputs, vals)))
-        start = time.perf_counter_ns()
+        start = 0 if self.telemetry is None else time.perf_counter_ns()
         # The replay computes the primal values of the deferred ops on its way.
         keep = [(p, o) for p in region.pending for o in range(len(self.rec.ops[p].out_avals))]
         with eager():
@@ -619,10 +619,7 @@ class StepRun:
             self.deferred = None
         op.out_avals = tuple(aval_of(g) for g in grads)
         op.out_placements = placements(grads)
-        self.rec.ops.append(op)
-        if self.telemetry is not None:
-            self.telemetry.slice(events.RECORD, self.name, self.step, start,
-                                 {"op": op.label, "where": op.where})
+        self._record(op, [], start)
         return [Placeholder(trace, a, self, pos, o, g)
                 for o, (a, g) in enumerate(zip(op.out_avals, grads))]
 

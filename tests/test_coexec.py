@@ -32,6 +32,16 @@ def linear_data(seed=0, n=16, d=4):
     return jnp.asarray(x), jnp.asarray(y)
 
 
+def train_from_zeros(step, steps, log=float):
+    """The loop of the `step(w) -> (w, loss)` programs: w from zeros, `log(loss)` kept per step."""
+    w = jnp.zeros(4)
+    losses = []
+    for _ in range(steps):
+        w, loss = step(w)
+        losses.append(log(loss))
+    return w, losses
+
+
 # -- autodiff elision keeps eager's semantics inside the differentiated function --
 
 def test_inside_grad_values_behave_like_eager_grad_tracers():
@@ -58,12 +68,7 @@ def test_inside_grad_values_behave_like_eager_grad_tracers():
             loss, g = jax.value_and_grad(loss_fn)(w)
             return w - 0.05 * g, loss
 
-        w = jnp.zeros(4)
-        losses = []
-        for _ in range(steps):
-            w, loss = step(w)
-            losses.append(float(loss))
-        return w, losses
+        return train_from_zeros(step, steps)
 
     differential(program, steps=8)
 
@@ -811,12 +816,7 @@ def test_deferred_value_kept_by_a_differentiated_function_that_raises():
             loss, g = jax.value_and_grad(lambda w: jnp.mean((x @ w - y) ** 2))(w)
             return w - 0.1 * g, loss + jnp.sum(stash[0])
 
-        w = jnp.zeros(4)
-        losses = []
-        for _ in range(steps):
-            w, loss = step(w)
-            losses.append(float(loss))
-        return w, losses
+        return train_from_zeros(step, steps)
 
     differential(program, steps=6)
 
@@ -839,11 +839,6 @@ def test_gradient_of_a_value_computed_by_deferred_ops_and_a_debug_print():
             g2 = jax.grad(lambda p: jnp.sum(jnp.sin(p) * pred))(pred)
             return w - 0.1 * g1 - 0.01 * (x.T @ g2), loss
 
-        w = jnp.zeros(4)
-        losses = []
-        for _ in range(steps):
-            w, loss = step(w)
-            losses.append(loss)
-        return w, losses
+        return train_from_zeros(step, steps, log=lambda loss: loss)
 
     differential(program, steps=6)
