@@ -30,6 +30,13 @@ warm-up run; the first step of a run is not timed. Reported: medians over the
 timed steps, and the tracing/eager ratio as the median of the ratios of steps
 that ran next to each other. The run fails unless every tracing step was
 traced and the final parameters of both settings agree.
+
+A second table shows where a tracing step saves on eager: its gradient op.
+After the timed runs the tracing process runs the loop once more, timing each
+gradient op three ways: from the jaxpr Terra traced at the region's first
+sight (what the timed steps ran), at a first sight (tracing that jaxpr, then
+running it), and as `jax.vjp` of the region's replay (JAX's autodiff in
+Python, what eager's `value_and_grad` runs).
 """
 from __future__ import annotations
 
@@ -109,7 +116,42 @@ def run_setting(name: str, setting: str, steps: int, repeats: int, conn) -> None
             conn.recv()
     stats = [fn.stats().as_dict() for fn in step_functions.values() if fn is not None
              and hasattr(fn, "stats")]
-    conn.send(("done", [np.asarray(x) for x in jax.tree.leaves(params)], stats))
+    leaves = [np.asarray(x) for x in jax.tree.leaves(params)]
+    costs = gradient_op_costs(module, wrap, steps) if setting == "tracing" else None
+    conn.send(("done", leaves, stats, costs))
+
+
+def gradient_op_costs(module, wrap, steps: int) -> dict:
+    """One more (untimed) run, timing every gradient op three ways, ms medians:
+    from the jaxpr traced at its first sight (what tracing steps run), at first
+    sight (tracing that jaxpr, then running it), and as `jax.vjp` of the replay
+    (what tracing steps ran before the jaxpr was kept)."""
+    import jax
+    from terra import autodiff, coexec
+    cached = coexec.run_gradient
+    times: dict = {"jaxpr": [], "first_sight": [], "jax_vjp": []}
+
+    def three_ways(op, vals, keep=()):
+        spec = op.params["spec"]
+        k = len(spec.outs) if spec.seeded else 0
+        n = k + len(spec.diff)
+        external = dict(zip(op.inputs[n:], vals[n:]))
+        runs = {"jax_vjp": lambda: autodiff.gradient(
+                    spec, vals[k:n], external.__getitem__, vals[:k] or None, keep),
+                "first_sight": lambda: (autodiff._programs.clear(), cached(op, vals, keep))[1],
+                "jaxpr": lambda: cached(op, vals, keep)}
+        for how, run in runs.items():
+            start = time.perf_counter()
+            out = jax.block_until_ready(run())
+            times[how].append(time.perf_counter() - start)
+        return out
+
+    coexec.run_gradient = three_ways
+    try:
+        module.run(wrap, steps, log=lambda line: None)
+    finally:
+        coexec.run_gradient = cached
+    return {how: 1e3 * statistics.median(t) for how, t in times.items() if t}
 
 
 # -- the parent: turns and results ---------------------------------------------
@@ -149,7 +191,7 @@ def bench(name: str, steps: int, repeats: int) -> dict:
 def summarize(name: str, times: dict, final: dict) -> dict:
     eager = [t for run in times["eager"] for t in run]
     tracing = [t for run in times["tracing"] for t in run]
-    (eager_params, _), (tracing_params, stats) = final["eager"], final["tracing"]
+    (eager_params, _, _), (tracing_params, stats, costs) = final["eager"], final["tracing"]
     traced = sum(s["traced"] for s in stats)
     if not stats or traced != sum(s["steps"] for s in stats):
         raise SystemExit(f"FAIL {name}: not every step traced: {stats}")
@@ -159,7 +201,8 @@ def summarize(name: str, times: dict, final: dict) -> dict:
                  for a, b in zip(eager_params, tracing_params) if a.size), default=0.0)
     if not same or len(eager_params) != len(tracing_params):
         raise SystemExit(f"FAIL {name}: tracing params differ from eager's ({worst:.2e})")
-    result = {"steps_timed": len(eager), "tracing_steps": traced, "max_abs_param_diff": worst}
+    result = {"steps_timed": len(eager), "tracing_steps": traced, "max_abs_param_diff": worst,
+              "gradient_op_ms": costs}
     for k, clock in enumerate(("wall", "cpu")):
         ratios = [t[k] / e[k] for e, t in zip(eager, tracing)]
         result[clock] = {"eager_ms": 1e3 * statistics.median(e[k] for e in eager),
@@ -196,6 +239,14 @@ def main(argv=None) -> int:
         w, c = r["wall"], r["cpu"]
         print(f"{name:12} {w['eager_ms']:8.2f} {w['tracing_ms']:8.2f} {w['ratio']:14.2f}"
               f" {c['eager_ms']:11.2f} {c['tracing_ms']:8.2f} {c['ratio']:14.2f}")
+    print("\nThe gradient op of a tracing step, ms (medians; an extra untimed run):")
+    header = f"{'program':12} {'traced jaxpr':>13} {'first sight':>12} {'jax.vjp replay':>15}"
+    print(header)
+    print("-" * len(header))
+    for name, r in results.items():
+        g = r["gradient_op_ms"]
+        if g:
+            print(f"{name:12} {g['jaxpr']:13.2f} {g['first_sight']:12.2f} {g['jax_vjp']:15.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args),

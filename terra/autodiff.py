@@ -4,12 +4,14 @@ When a step calls `jax.value_and_grad(f)` / `jax.grad(f)` / `jax.vjp(f)`,
 Terra runs only f's primal Python (its side effects and validation still
 happen) and records one *gradient op*: for grad right after f's ops, for vjp
 each time the pullback is called. The gradient op is evaluated by replaying
-f's recorded primal ops under `jax.vjp` — eagerly while tracing, and inside
-the generated segment when co-executing — so the primal op sequence
-determines the backward pass and JAX's linearize/transpose machinery never
-runs in the Python skeleton. While tracing, the replay's primal values are
-also the values of the region's ops: those are recorded without being run
-(see `coexec.StepRun._defer`), so the forward pass runs once, as in eager.
+f's recorded primal ops under `jax.vjp` — inside the generated segment when
+co-executing, and while tracing through the jaxpr of that replay, traced once
+per region shape and then run one equation at a time (`run_gradient`) — so
+the primal op sequence determines the backward pass and JAX's
+linearize/transpose machinery never runs in the Python skeleton once a region
+was seen. While tracing, the replay's primal values are also the values of
+the region's ops: those are recorded without being run (see
+`coexec.StepRun._defer`), so the forward pass runs once, as in eager.
 
 A region's ops are those recorded while f runs; regions do not nest (a grad
 inside f runs JAX's own autodiff, recorded as ordinary ops of the region).
@@ -25,8 +27,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from terra.intercept import bind_op
-from terra.trace import ARG, FEED_REF, NODE
+from terra.intercept import aval_of, bind_op, run_jaxpr, trace_function
+from terra.trace import ARG, FEED_REF, NODE, params_equal
 
 
 class _GradPrimitive:
@@ -130,15 +132,58 @@ def gradient(spec: GradSpec, diff_values: list, external: Callable[[tuple], Any]
 
 
 def apply_gradient_op(op, vals: list) -> list:
-    """Evaluate a gradient op on its input values (cotangents, diff values, externals)."""
-    return gradient_and_primals(op, vals, ())[0]
-
-
-def gradient_and_primals(op, vals: list, keep: tuple) -> tuple[list, list]:
-    """`apply_gradient_op`, and the primal values of the region's ValueKeys `keep`."""
+    """A gradient op on its input values (cotangents, diff values, externals), as
+    JAX functions: the generated segment's jit traces this."""
     spec = op.params["spec"]
     k = len(spec.outs) if spec.seeded else 0
     n = k + len(spec.diff)
     external = dict(zip(op.inputs[n:], vals[n:]))
-    return gradient(spec, vals[k:n], external.__getitem__, vals[:k] if spec.seeded else None,
-                    keep)
+    return gradient(spec, vals[k:n], external.__getitem__, vals[:k] if spec.seeded else None)[0]
+
+
+# -- the gradient op, evaluated eagerly -----------------------------------------
+# jax.vjp of the replay runs JAX's autodiff in Python on every call: a JVP and
+# a partial-evaluation rule per op forward, a transpose rule per op backward.
+# For a region recorded before (same ops, same input avals), the ops that
+# autodiff ran are those of the same jaxpr: trace it once, then run its
+# equations as eager JAX runs ops (one dispatch each, no autodiff rules).
+_programs: dict = {}   # fingerprint -> [(region params, gradient jaxpr), ...]
+_PROGRAMS = 256
+
+
+def run_gradient(op, vals: list, keep: tuple = ()) -> tuple[list, list]:
+    """A gradient op on concrete input values (cotangents, diff values, externals):
+    its gradients, and the primal values of the region's ValueKeys `keep`."""
+    spec = op.params["spec"]
+    k = len(spec.outs) if spec.seeded else 0
+    n = k + len(spec.diff)
+    args = [*vals[k:n], *vals[n:], *vals[:k]]
+    key = (spec.key(), keep, op.inputs[n:], tuple(aval_of(x) for x in args),
+           tuple((o.prim, o.inputs, o.out_avals) for _, o in spec.ops))
+    params = [o.params for _, o in spec.ops]
+    for known, program in _programs.get(key, ()):
+        if all(a is b or params_equal(a, b) for a, b in zip(known, params)):
+            break
+    else:
+        program = trace_function(_gradient_function(op, keep), args)
+        if len(_programs) >= _PROGRAMS:
+            _programs.pop(next(iter(_programs)))
+        _programs.setdefault(key, []).append((params, program))
+    outs = run_jaxpr(program, args)
+    return outs[:len(spec.diff)], outs[len(spec.diff):]
+
+
+def _gradient_function(op, keep: tuple) -> Callable:
+    """(diff values, externals, cotangents) -> [*gradients, *kept values]."""
+    spec = op.params["spec"]
+    k = len(spec.outs) if spec.seeded else 0
+    n = k + len(spec.diff)
+    ext_keys = op.inputs[n:]
+    d, e = len(spec.diff), len(ext_keys)
+
+    def fn(*args):
+        external = dict(zip(ext_keys, args[d:d + e]))
+        cts = list(args[d + e:]) if spec.seeded else None
+        grads, kept = gradient(spec, list(args[:d]), external.__getitem__, cts, keep)
+        return [*grads, *kept]
+    return fn

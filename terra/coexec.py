@@ -21,7 +21,7 @@ import itertools
 import time
 import warnings
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import numpy as np
@@ -29,14 +29,14 @@ import numpy as np
 from runtime.executor import RemoteValue, TerraExecutorError, wait
 from terra.telemetry import events
 from terra.autodiff import (
-    GRAD, GradSpec, apply_gradient_op, external_inputs, gradient_and_primals, replay,
+    GRAD, GradSpec, external_inputs, replay, run_gradient,
 )
 from terra.generate import ARG_IN, ENV, LIVE, Program, Segment
 from terra.intercept import (
     GradCall, Placeholder, TerraTrace, VjpCall, aval_of, check_gradient_output, copy_value,
     current_handler, deferrable, dispatch_context, eager, eval_primitive, frozen_copy,
-    has_host_effect, local_value, operand_value, output_avals, placement_of, user_frame,
-    user_location,
+    apply_op, has_host_effect, local_value, operand_value, operator_signature, output_avals,
+    placement_of, user_frame, user_location,
 )
 from terra.trace import (
     ARG, DATA, FEED, FEED_REF, NODE, GraphNode, Op, Recording, feed_token, params_equal, placements,
@@ -49,6 +49,22 @@ if TYPE_CHECKING:
 TRACING, COEXEC, FALLBACK, PASSTHROUGH = "tracing", "coexec", "fallback", "passthrough"
 
 _flow_ids = itertools.count(1)  # links a dispatched segment to the fetches it serves (timeline)
+
+
+class KnownOperator(NamedTuple):
+    """The op an operator applied: `StepRun._reapply_operator` applies it again."""
+
+    statics: tuple   # (operand index, Python scalar) baked into the op
+    prim: Any
+    params: dict
+    mapping: tuple   # operand index of each op input
+    out: int         # which of the op's outputs the operator returned
+
+
+# (operator name, operator_signature, dispatch_context) -> [KnownOperator, ...]
+_known_operators: dict = {}
+_KNOWN_OPERATORS = 4096
+_KNOWN_PER_SIGNATURE = 8   # e.g. `x ** k` for a few exponents k
 
 
 class TerraInternalError(RuntimeError):
@@ -171,15 +187,28 @@ class StepRun:
 
     # -- operators (intercept.OPERATORS) ------------------------------------------
     def replay_operator(self, name: str, values: tuple) -> Any:
-        """COEXEC: enter the node this operator produced before, without running JAX.
+        """Apply what this operator applied before, without running jnp's Python.
+
+        COEXEC: enter the node it produced. TRACING/FALLBACK: apply the op it
+        applied on operands of the same types and avals (`_reapply_operator`).
+        None: run the operator the usual way.
+        """
+        if not self.active:
+            return None
+        if self.mode == COEXEC:
+            return self._replay_from_graph(name, values)
+        if self.mode in (TRACING, FALLBACK):
+            return self._reapply_operator(name, values)
+        return None
+
+    def _replay_from_graph(self, name: str, values: tuple) -> Any:
+        """COEXEC: enter the node this operator produced before.
 
         Only when the node was recorded from the same operator on operands of
         the same origins and avals, with equal baked-in values, in the same
         dispatch context: then jnp's operator would apply exactly this op.
         None: run the operator the usual way (it is validated as any op).
         """
-        if self.mode != COEXEC or not self.active:
-            return None
         for child in self.node.children:
             via = child.op.via
             if via is not None and via[0] == name:
@@ -231,7 +260,43 @@ class StepRun:
                 if type(x) not in (bool, int, float, complex):
                     return  # some other operand shaped the op: never replayed
                 statics.append((j, x))
-        op.via = (name, tuple(mapping), tuple(statics), dispatch_context(), result._out)
+        context = dispatch_context()
+        op.via = (name, tuple(mapping), tuple(statics), context, result._out)
+        sig = operator_signature(values)
+        if sig is not None:
+            known = _known_operators.setdefault((name, sig, context), [])
+            if len(known) < _KNOWN_PER_SIGNATURE:
+                known.append(KnownOperator(tuple(statics), op.prim, op.params,
+                                           tuple(mapping), result._out))
+            if len(_known_operators) > _KNOWN_OPERATORS:
+                _known_operators.pop(next(iter(_known_operators)))
+
+    def _reapply_operator(self, name: str, values: tuple) -> Any:
+        """TRACING/FALLBACK: apply the op this operator applied on operands of the
+        same types and avals, with equal baked-in scalars, in the same dispatch
+        context: jnp's operator is a function of exactly these, so it would
+        apply the same op again. The op is applied and recorded as any other."""
+        sig = operator_signature(values)
+        if sig is None:
+            return None
+        context = dispatch_context()
+        known = _known_operators.get((name, sig, context))
+        if known is None:
+            return None
+        for entry in known:
+            if all(values[i] == v for i, v in entry.statics):  # same types: in `sig`
+                break
+        else:
+            return None
+        args = [operand_value(values[i]) for i in entry.mapping]
+        if any(x is None for x in args):
+            return None  # the operator raises (an int out of range): its own path says how
+        pos = len(self.rec.ops)
+        outs = apply_op(values[0]._trace, entry.prim, args, entry.params)
+        if len(self.rec.ops) == pos + 1:  # tagged as `note_operator` tags: co-execution replays it
+            self.rec.ops[pos].via = (name, entry.mapping, entry.statics, context, entry.out)
+        self.stats.operators_reapplied += 1
+        return outs[entry.out] if entry.prim.multiple_results else outs
 
     def _operand_of_input(self, kind: int, a, b, values: tuple, taken: list) -> int | None:
         """Which operand an op input was (None: none of them, untaggable)."""
@@ -411,14 +476,16 @@ class StepRun:
             i = self.arg_ids.get(id(x))
             if i is not None and self.args[i] is x:
                 inputs.append((ARG, i, self.arg_avals[i]))
+                vals.append(self._concrete(x))
+                place = self.arg_placements[i]
             else:
                 inputs.append((FEED, aval_of(x), DATA if self._is_data_arg(x) else None))
                 x = frozen_copy(x)  # XLA may read a numpy buffer after Python mutates it
                 feeds.append(x)
                 slots.append(k)
-            v = self._concrete(x)
-            vals.append(v)
-            place = placement_of(v)
+                v = self._concrete(x)
+                vals.append(v)
+                place = placement_of(v)
             places.append(place)
             committed = committed or place is not None
         return tuple(inputs), vals, feeds, tuple(slots), places, committed
@@ -610,7 +677,7 @@ class StepRun:
         # The replay computes the primal values of the deferred ops on its way.
         keep = [(p, o) for p in region.pending for o in range(len(self.rec.ops[p].out_avals))]
         with eager():
-            grads, kept = gradient_and_primals(op, vals, tuple(keep))
+            grads, kept = run_gradient(op, vals, tuple(keep))
         values = dict(zip(keep, kept))
         while region.pending:
             p = region.pending.popleft()
@@ -723,7 +790,7 @@ class StepRun:
             vals = [local_value(v) for v in vals]
             if op.prim is GRAD:
                 with eager():
-                    outs = apply_gradient_op(op, vals)
+                    outs = run_gradient(op, vals)[0]
             else:
                 out = eval_primitive(op.prim, vals, op.params)
                 outs = out if op.multiple_results else (out,)

@@ -284,6 +284,7 @@ for _name in OPERATORS:
     setattr(Placeholder, _name, _operator(_name))
 
 _SCALARS = (bool, int, float, complex)
+_SCALAR_TYPES = frozenset(_SCALARS)
 
 
 def operand_value(x: Any) -> Any:
@@ -302,8 +303,41 @@ def operand_value(x: Any) -> Any:
 
 
 def dispatch_context() -> tuple:
-    """What jnp's operators depend on besides their operands (config, mesh)."""
-    return config.trace_context(), pjit.get_ctx_mesh(False)
+    """What jnp's operators depend on besides their operands: the config (the
+    abstract mesh is part of it) and the concrete mesh, the two that decide
+    `pjit.get_ctx_mesh(False)`, read without computing it."""
+    return config.trace_context(), config.device_context.value
+
+
+def operator_signature(values: tuple) -> tuple | None:
+    """What jnp's operator decides its op by: each operand's type and aval (a Python
+    scalar's value decides it only where the op bakes it in, checked apart).
+    None: an operand of another kind, which only the operator's own path handles."""
+    sig = []
+    for x in values:
+        t = type(x)
+        if t is Placeholder:
+            sig.append((t, x.aval))
+        elif t in _SCALAR_TYPES:
+            sig.append(t)
+        elif t is array.ArrayImpl:
+            sig.append((t, aval_of(x)))
+        elif t is np.ndarray or isinstance(x, np.generic):
+            sig.append((t, x.shape, x.dtype))
+        else:
+            return None
+    return tuple(sig)
+
+
+def apply_op(trace: TerraTrace, prim: Primitive, args: list, params: dict) -> Any:
+    """Apply an op to operator operands (`operand_value`s) as `bind` would, with
+    `trace` current: the trace sees it as if jnp's operator had bound it."""
+    prev = core.trace_ctx.trace
+    core.trace_ctx.set_trace(core.eval_trace)
+    try:
+        return trace.process_primitive(prim, args, params)
+    finally:
+        core.trace_ctx.set_trace(prev)
 
 
 # `core.concrete_or_error` is how jnp asks for a value it must have (item(),
@@ -343,7 +377,8 @@ def _infer_params_fast(fun, ji, args, kwargs):
     avals = _leaf_avals(args)
     if avals is None:
         return _slow_infer_params(fun, ji, args, kwargs)
-    key = (fun, ji, avals, pjit.get_ctx_mesh(ji.use_resource_env), config.trace_context())
+    mesh = pjit.get_ctx_mesh(True) if ji.use_resource_env else config.device_context.value
+    key = (fun, ji, avals, mesh, config.trace_context())
     p = _jit_params.get(key)
     if p is None:
         p, args_flat = _slow_infer_params(fun, ji, args, kwargs)
@@ -403,12 +438,7 @@ def _bind_jit(trace: TerraTrace, args: list, params: dict) -> Any:
             if isinstance(x, core.Tracer) and not x._trace.is_valid():
                 raise core.escaped_tracer_error(x)
         canonical.append(x)
-    prev = core.trace_ctx.trace
-    core.trace_ctx.set_trace(core.eval_trace)
-    try:
-        return trace.process_primitive(pjit.jit_p, canonical, params)
-    finally:
-        core.trace_ctx.set_trace(prev)
+    return apply_op(trace, pjit.jit_p, canonical, params)
 
 
 pjit._infer_params = _infer_params_fast
@@ -498,6 +528,29 @@ def _new_jit_callable(params: dict) -> Callable:
     return _jax.pjit(
         p["name"], fun, cache_miss, [], [], cache_key, tree_util.dispatch_registry,
         pxla.cc_shard_arg, pjit._get_cpp_global_cache(cache_key.contains_explicit_attributes))
+
+
+def trace_function(fn: Callable, args: list) -> Any:
+    """`fn`'s jaxpr at `args`' avals, without the equations none of its outputs need."""
+    with core.take_current_trace():
+        closed = jax.make_jaxpr(fn)(*args)
+    jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, True, instantiate=True)  # keeps every input
+    return core.ClosedJaxpr(jaxpr, closed.consts)
+
+
+def run_jaxpr(closed: Any, args: list) -> list:
+    """Run a jaxpr's equations one at a time, as eager JAX runs ops."""
+    jaxpr = closed.jaxpr
+    env = dict(zip(jaxpr.constvars, closed.consts))
+    env.update(zip(jaxpr.invars, args))
+    with core.take_current_trace():
+        for eqn in jaxpr.eqns:
+            vals = [x.val if type(x) is core.Literal else env[x] for x in eqn.invars]
+            out = eval_primitive(eqn.primitive, vals, eqn.params)
+            outs = out if eqn.primitive.multiple_results else (out,)
+            for v, o in zip(eqn.outvars, outs):
+                env[v] = o
+    return [x.val if type(x) is core.Literal else env[x] for x in jaxpr.outvars]
 
 
 def eager():
@@ -674,10 +727,13 @@ def install_autodiff_hooks() -> None:
         jax.vjp = _elidable_vjp(jax.vjp)
 
 
+_SingleDeviceSharding = jax.sharding.SingleDeviceSharding
+
+
 def aval_of(x: Any) -> AbstractValue:
     """`core.typeof(x)`. A single-device array's is its `aval` (typeof would
     rebuild it from the sharding, which only a NamedSharding changes)."""
-    if type(x) is array.ArrayImpl and type(x.sharding) is jax.sharding.SingleDeviceSharding:
+    if type(x) is array.ArrayImpl and type(x._sharding) is _SingleDeviceSharding:
         return x.aval
     return core.typeof(x)
 

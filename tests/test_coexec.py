@@ -22,7 +22,7 @@ import pytest
 
 import terra
 from harness import differential
-from terra import coexec, generate
+from terra import autodiff, coexec, generate
 
 
 def linear_data(seed=0, n=16, d=4):
@@ -773,6 +773,45 @@ def _counted(method, calls: list):
         calls.append(1)
         return method(*args, **kwargs)
     return counted
+
+
+def test_tracing_steps_take_a_seen_regions_gradient_from_its_traced_jaxpr(monkeypatch):
+    """While tracing, a region seen before gets its gradient from a jaxpr traced
+    once (no JAX autodiff in Python per step); a region whose ops differ only in
+    params (another exponent) gets its own. Every step equals eager's."""
+    release = _hold_compiles(monkeypatch)   # every step traces
+    built = []
+    monkeypatch.setattr(autodiff, "trace_function", _counted(autodiff.trace_function, built))
+    x, y = linear_data(n=8, d=6)
+    opt = optax.adam(0.1)
+
+    def step(params, state, k):
+        def loss_fn(p):
+            h = jax.nn.relu(x @ p["w1"])
+            err = h @ p["w2"] - y[:, None]
+            unused = jnp.sum(p["w1"]) * 3.0   # an input the gradient never reads
+            return jnp.mean(err ** k), unused
+
+        (loss, unused), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss, unused
+
+    params = {"w1": jnp.full((6, 5), 0.1, jnp.float32),  # not weakly typed, as after a step
+              "w2": jnp.linspace(-1.0, 1.0, 5).reshape(5, 1)}
+    terra_step = terra.function(step)
+    (p_t, s_t), (p_e, s_e) = (params, opt.init(params)), (params, opt.init(params))
+    try:
+        for i, k in enumerate([2, 2, 4, 2, 4, 4, 2]):
+            p_t, s_t, loss_t, unused_t = terra_step(p_t, s_t, k)
+            p_e, s_e, loss_e, unused_e = step(p_e, s_e, k)
+            for a, b in zip(jax.tree.leaves((p_t, loss_t, unused_t)),
+                            jax.tree.leaves((p_e, loss_e, unused_e))):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                           err_msg=f"step {i}")
+    finally:
+        release.set()
+    assert terra_step.stats().traced == 7 and terra_step.stats().coexecuted == 0
+    assert len(built) == 2, built   # one jaxpr per exponent, reused by the other 5 steps
 
 
 def test_deferred_values_equal_eager_ones_through_aux_and_optimizer():

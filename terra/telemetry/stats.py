@@ -22,6 +22,7 @@ class Stats:
     segments_compiled: int = 0
     segments_dispatched: int = 0
     operators_replayed: int = 0  # `x + y` and friends entered from the graph, not run by JAX
+    operators_reapplied: int = 0 # ... applied while tracing as the op they applied before
     feeds: int = 0            # Python values fed to the graph (live and predicted)
     fetches: int = 0          # values Python asked for
     fetch_waits: int = 0      # fetches that had to wait for the graph (sync points)
