@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import pickle
 import sys
+import threading
 from typing import Any, Callable, Protocol
 
 import jax
@@ -530,12 +531,53 @@ def _new_jit_callable(params: dict) -> Callable:
         pxla.cc_shard_arg, pjit._get_cpp_global_cache(cache_key.contains_explicit_attributes))
 
 
+# In the jaxpr `trace_function` makes, a nested jit applied to primal values
+# stays one equation, as eager runs it (jnp's jits ask to be inlined into the
+# jaxpr of whatever traces them): its primitives, run one at a time, would each
+# be a computation eager never compiled. The linear part autodiff stages on its
+# own trace is inlined, as in eager.
+_tracing_for_eager = threading.local()   # .trace: the trace of `trace_function`'s jaxpr
+_pjit_staging_rule = pe.custom_staging_rules[pjit.jit_p]
+
+
+def _staging_rule(trace, source_info, *args, **params):
+    jaxpr = params["jaxpr"]
+    if (trace is getattr(_tracing_for_eager, "trace", None) and not params["compiler_options_kvs"]
+            and not any(isinstance(c, core.Ref) for c in jaxpr.consts)
+            and not any(v.initial_qdd for v in (*jaxpr.jaxpr.constvars, *jaxpr.jaxpr.invars))):
+        return trace.default_process_primitive(pjit.jit_p, args, params, source_info=source_info)
+    return _pjit_staging_rule(trace, source_info, *args, **params)
+
+
+pe.custom_staging_rules[pjit.jit_p] = _staging_rule
+
+
 def trace_function(fn: Callable, args: list) -> Any:
-    """`fn`'s jaxpr at `args`' avals, without the equations none of its outputs need."""
-    with core.take_current_trace():
-        closed = jax.make_jaxpr(fn)(*args)
-    jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, True, instantiate=True)  # keeps every input
-    return core.ClosedJaxpr(jaxpr, closed.consts)
+    """`fn`'s jaxpr at `args`' avals, to run one equation at a time (`run_jaxpr`),
+    without the equations none of its outputs need.
+
+    Its equations are those eager JAX would run: nested jits are not inlined,
+    and an equation is kept or dropped whole (pruning a nested jit's unused
+    outputs, as `pe.dce_jaxpr` does, would make it a new computation for XLA to
+    compile, where eager ran and compiled the unpruned one).
+    """
+    def traced(*args):
+        _tracing_for_eager.trace = core.trace_ctx.trace  # make_jaxpr's
+        return fn(*args)
+
+    try:
+        with core.take_current_trace():
+            closed = jax.make_jaxpr(traced)(*args)
+    finally:
+        _tracing_for_eager.trace = None
+    jaxpr = closed.jaxpr
+    used = {v for v in jaxpr.outvars if type(v) is not core.Literal}
+    kept = []
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(v in used for v in eqn.outvars):
+            kept.append(eqn)
+            used.update(v for v in eqn.invars if type(v) is not core.Literal)
+    return core.ClosedJaxpr(jaxpr.replace(eqns=kept[::-1]), closed.consts)
 
 
 def run_jaxpr(closed: Any, args: list) -> list:
@@ -546,7 +588,11 @@ def run_jaxpr(closed: Any, args: list) -> list:
     with core.take_current_trace():
         for eqn in jaxpr.eqns:
             vals = [x.val if type(x) is core.Literal else env[x] for x in eqn.invars]
-            out = eval_primitive(eqn.primitive, vals, eqn.params)
+            if eqn.primitive is pjit.jit_p:  # a primal nested jit: eager calls it as is
+                out = eval_primitive(eqn.primitive, vals, eqn.params)
+            else:  # autodiff's rules bind these under the equation's context, as here
+                with eqn.ctx.manager:
+                    out = eval_primitive(eqn.primitive, vals, eqn.params)
             outs = out if eqn.primitive.multiple_results else (out,)
             for v, o in zip(eqn.outvars, outs):
                 env[v] = o
