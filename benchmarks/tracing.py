@@ -132,9 +132,7 @@ def gradient_op_costs(module, wrap, steps: int) -> dict:
     times: dict = {"jaxpr": [], "first_sight": [], "jax_vjp": []}
 
     def three_ways(op, vals, keep=()):
-        spec = op.params["spec"]
-        k = len(spec.outs) if spec.seeded else 0
-        n = k + len(spec.diff)
+        spec, k, n = autodiff._layout(op)
         external = dict(zip(op.inputs[n:], vals[n:]))
         runs = {"jax_vjp": lambda: autodiff.gradient(
                     spec, vals[k:n], external.__getitem__, vals[:k] or None, keep),

@@ -131,12 +131,18 @@ def gradient(spec: GradSpec, diff_values: list, external: Callable[[tuple], Any]
     return list(pullback(tuple(cotangents))), kept
 
 
-def apply_gradient_op(op, vals: list) -> list:
-    """A gradient op on its input values (cotangents, diff values, externals), as
-    JAX functions: the generated segment's jit traces this."""
+def _layout(op) -> tuple[GradSpec, int, int]:
+    """(spec, k, n): a gradient op's inputs are cotangents [:k], diff values [k:n]
+    and the region's external inputs [n:]."""
     spec = op.params["spec"]
     k = len(spec.outs) if spec.seeded else 0
-    n = k + len(spec.diff)
+    return spec, k, k + len(spec.diff)
+
+
+def apply_gradient_op(op, vals: list) -> list:
+    """A gradient op on its input values, as JAX functions: the generated
+    segment's jit traces this."""
+    spec, k, n = _layout(op)
     external = dict(zip(op.inputs[n:], vals[n:]))
     return gradient(spec, vals[k:n], external.__getitem__, vals[:k] if spec.seeded else None)[0]
 
@@ -149,35 +155,37 @@ def apply_gradient_op(op, vals: list) -> list:
 # equations as eager JAX runs ops (one dispatch each, no autodiff rules).
 _programs: dict = {}   # fingerprint -> [(region params, gradient jaxpr), ...]
 _PROGRAMS = 256
+_PROGRAMS_PER_FINGERPRINT = 8   # regions that differ only in params (an exponent, ...)
 
 
 def run_gradient(op, vals: list, keep: tuple = ()) -> tuple[list, list]:
-    """A gradient op on concrete input values (cotangents, diff values, externals):
-    its gradients, and the primal values of the region's ValueKeys `keep`."""
-    spec = op.params["spec"]
-    k = len(spec.outs) if spec.seeded else 0
-    n = k + len(spec.diff)
+    """A gradient op on concrete input values: its gradients, and the primal
+    values of the region's ValueKeys `keep`."""
+    spec, k, n = _layout(op)
     args = [*vals[k:n], *vals[n:], *vals[:k]]
+    replayed = [o for _, o in spec.ops if not o.host_effect]  # what the replay runs
     key = (spec.key(), keep, op.inputs[n:], tuple(aval_of(x) for x in args),
-           tuple((o.prim, o.inputs, o.out_avals) for _, o in spec.ops))
-    params = [o.params for _, o in spec.ops]
-    for known, program in _programs.get(key, ()):
-        if all(a is b or params_equal(a, b) for a, b in zip(known, params)):
+           tuple((o.prim, o.inputs, o.out_avals) for o in replayed))
+    params = [o.params for o in replayed]
+    known = _programs.get(key, [])
+    for seen, program in known:
+        if all(a is b or params_equal(a, b) for a, b in zip(seen, params)):
             break
     else:
         program = trace_function(_gradient_function(op, keep), args)
-        if len(_programs) >= _PROGRAMS:
+        if len(known) >= _PROGRAMS_PER_FINGERPRINT:
+            known.pop(0)
+        known.append((params, program))
+        if key not in _programs and len(_programs) >= _PROGRAMS:
             _programs.pop(next(iter(_programs)))
-        _programs.setdefault(key, []).append((params, program))
+        _programs[key] = known
     outs = run_jaxpr(program, args)
     return outs[:len(spec.diff)], outs[len(spec.diff):]
 
 
 def _gradient_function(op, keep: tuple) -> Callable:
     """(diff values, externals, cotangents) -> [*gradients, *kept values]."""
-    spec = op.params["spec"]
-    k = len(spec.outs) if spec.seeded else 0
-    n = k + len(spec.diff)
+    spec, k, n = _layout(op)
     ext_keys = op.inputs[n:]
     d, e = len(spec.diff), len(ext_keys)
 
