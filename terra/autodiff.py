@@ -141,10 +141,8 @@ def _layout(op) -> tuple[GradSpec, int, int]:
 
 def apply_gradient_op(op, vals: list) -> list:
     """A gradient op on its input values, as JAX functions: the generated
-    segment's jit traces this."""
-    spec, k, n = _layout(op)
-    external = dict(zip(op.inputs[n:], vals[n:]))
-    return gradient(spec, vals[k:n], external.__getitem__, vals[:k] if spec.seeded else None)[0]
+    segment's jit traces this (`run_gradient` traces the same function)."""
+    return _gradient_function(op, ())(*_gradient_args(op, vals))
 
 
 # -- the gradient op, evaluated eagerly -----------------------------------------
@@ -161,8 +159,8 @@ _PROGRAMS_PER_FINGERPRINT = 8   # regions that differ only in params (an exponen
 def run_gradient(op, vals: list, keep: tuple = ()) -> tuple[list, list]:
     """A gradient op on concrete input values: its gradients, and the primal
     values of the region's ValueKeys `keep`."""
-    spec, k, n = _layout(op)
-    args = [*vals[k:n], *vals[n:], *vals[:k]]
+    spec, _, n = _layout(op)
+    args = _gradient_args(op, vals)
     replayed = [o for _, o in spec.ops if not o.host_effect]  # what the replay runs
     key = (spec.key(), keep, op.inputs[n:], tuple(aval_of(x) for x in args),
            tuple((o.prim, o.inputs, o.out_avals) for o in replayed))
@@ -183,9 +181,16 @@ def run_gradient(op, vals: list, keep: tuple = ()) -> tuple[list, list]:
     return outs[:len(spec.diff)], outs[len(spec.diff):]
 
 
+def _gradient_args(op, vals: list) -> list:
+    """A gradient op's input values in `_gradient_function`'s order."""
+    _, k, n = _layout(op)
+    return [*vals[k:n], *vals[n:], *vals[:k]]
+
+
 def _gradient_function(op, keep: tuple) -> Callable:
-    """(diff values, externals, cotangents) -> [*gradients, *kept values]."""
-    spec, k, n = _layout(op)
+    """(diff values, externals, cotangents) -> [*gradients, *kept values]:
+    jax.vjp of the region's replay."""
+    spec, _, n = _layout(op)
     ext_keys = op.inputs[n:]
     d, e = len(spec.diff), len(ext_keys)
 

@@ -676,8 +676,7 @@ class StepRun:
         start = 0 if self.telemetry is None else time.perf_counter_ns()
         # The replay computes the primal values of the deferred ops on its way.
         keep = [(p, o) for p in region.pending for o in range(len(self.rec.ops[p].out_avals))]
-        with eager():
-            grads, kept = run_gradient(op, vals, tuple(keep))
+        grads, kept = run_gradient(op, vals, tuple(keep))  # runs below the step's trace
         values = dict(zip(keep, kept))
         while region.pending:
             p = region.pending.popleft()
@@ -789,8 +788,7 @@ class StepRun:
                         self.rec.feeds[a][self.rec.ops[a].feed_slots.index(b)]))
             vals = [local_value(v) for v in vals]
             if op.prim is GRAD:
-                with eager():
-                    outs = run_gradient(op, vals)[0]
+                outs = run_gradient(op, vals)[0]
             else:
                 out = eval_primitive(op.prim, vals, op.params)
                 outs = out if op.multiple_results else (out,)
