@@ -51,6 +51,7 @@ from grpc_reflection.v1alpha import reflection
 
 from runtime._proto import executor_pb2 as pb
 from runtime._proto import executor_pb2_grpc as pb_grpc
+from runtime.module_check import ModuleCheck
 from runtime.tensors import MalformedTensor, from_tensor, to_tensor
 
 log = logging.getLogger("terra.serve")
@@ -94,12 +95,17 @@ class Executable:
     the exported function's input and output pytrees (a single array included).
     """
 
-    def __init__(self, key: str, blob: bytes, platform: str):
+    def __init__(self, key: str, blob: bytes, platform: str, check: ModuleCheck):
         exported = self._deserialize(blob)
         if platform not in exported.platforms:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"Load: the function was exported for {', '.join(exported.platforms)}; "
                                f"this server runs {platform}")
+        why = check.check(blob)  # in a helper process: some corrupted modules crash the reader
+        if why is not None:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"Load: the exported function is malformed: its StableHLO module "
+                               f"cannot be read ({why})")
         try:
             module = exported.mlir_module()
         except Exception as err:
@@ -268,6 +274,7 @@ class ExecutorService(pb_grpc.ExecutorServicer):
         self._numbers = itertools.count(1)
         self._counts = dict(executes=0, fetches=0, puts=0, sessions_total=0)
         self._bytes = 0  # held by all sessions
+        self.module_check = ModuleCheck()
 
     # -- the stream ----------------------------------------------------------
     def Session(self, requests: Iterator[pb.Request], context) -> Iterator[pb.Reply]:
@@ -377,7 +384,7 @@ class ExecutorService(pb_grpc.ExecutorServicer):
         with self._lock:
             executable = self._compiled.get(key)
         if executable is None:
-            executable = Executable(key, blob, self.platform)
+            executable = Executable(key, blob, self.platform, self.module_check)
             with self._lock:
                 self._compiled[key] = executable
         session.executables[key] = executable
@@ -608,7 +615,9 @@ def start_server(host: str = "127.0.0.1", port: int = 0, *, token: str | None = 
     server = grpc.server(futures.ThreadPoolExecutor(threads, thread_name_prefix="terra-serve"),
                          interceptors=[TokenCheck(token)] if token else [],
                          options=options, maximum_concurrent_rpcs=threads)
-    add_service(ExecutorService(jax.export.default_export_platform(), limits), server)
+    service = ExecutorService(jax.export.default_export_platform(), limits)
+    service.module_check.start()  # ready before the first Load
+    add_service(service, server)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

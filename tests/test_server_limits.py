@@ -7,6 +7,7 @@ Waits are bounded loops on the server's own counters, never timed assertions.
 """
 
 import hashlib
+import pathlib
 import queue
 import time
 
@@ -124,7 +125,7 @@ def still_serving(server) -> bool:
 
 def test_silent_sessions_time_out_and_free_their_slots(serve):
     server = serve("--max-sessions", "3", "--max-sessions-per-peer", "3",
-                   "--session-idle-timeout", "1")
+                   "--session-idle-timeout", "3")
     channel = grpc.insecure_channel(target(server))
     stub = pb_grpc.ExecutorStub(channel)
     silent = [stub.Session(iter(queue.SimpleQueue().get, None), timeout=60) for _ in range(3)]
@@ -134,7 +135,7 @@ def test_silent_sessions_time_out_and_free_their_slots(serve):
             with pytest.raises(grpc.RpcError) as info:
                 next(call)
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert "no request for 1 s" in info.value.details()
+            assert "no request for 3 s" in info.value.details()
         assert wait_until(lambda: status(server).sessions == 0)
         assert still_serving(server)
     finally:
@@ -166,19 +167,18 @@ def test_one_client_host_cannot_hold_every_session(serve):
 
 def test_a_paused_program_keeps_its_session_by_pinging(serve):
     """The client pings within the idle timeout: a pause between steps loses nothing."""
-    server = serve("--session-idle-timeout", "3")
-    eager = [MLP.train_step]
+    server = serve("--session-idle-timeout", "4")
     step = terra.function(MLP.train_step, executor=server.address)
     data = MLP.make_dataset(0)
     runs = {}
-    for name, fn in (("eager", eager[0]), ("terra", step)):
+    for name, fn in (("eager", MLP.train_step), ("terra", step)):
         params = MLP.init_params(0)
         opt_state = MLP.optimizer.init(params)
         losses = []
         for i in range(8):
             if name == "terra" and i == 4:
                 opened = status(server).sessions_total
-                time.sleep(7)                    # longer than the idle timeout, twice over
+                time.sleep(9)                    # longer than the idle timeout, twice over
             params, opt_state, loss = fn(params, opt_state, *data[i])
             losses.append(float(loss))
         runs[name] = (params, losses)
@@ -292,6 +292,23 @@ def test_impossible_shapes_and_corrupted_exports_are_invalid_arguments(serve):
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
         assert "Load:" in err.details()
     assert still_serving(server)
+
+
+def test_an_export_that_crashes_jaxlibs_reader_does_not_kill_the_server(serve):
+    """Found by flipping 3 random bits of an export: jaxlib 0.10.2's StableHLO reader
+    segfaults on it. The server reads new modules in a helper process first."""
+    crashing = (pathlib.Path(__file__).parent / "data" / "export_crashing_jaxlib_reader.bin").read_bytes()
+    server = serve()
+    for _ in range(2):  # the helper is restarted after each crash
+        _, err = session(server, [pb.Request(id=1, load=pb.Load(exported=crashing))])
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "StableHLO module cannot be read" in err.details()
+        assert still_serving(server)
+    spec = jax.ShapeDtypeStruct((3,), jnp.float32)
+    request, key = load(lambda x: x * 2 + 1, spec)
+    replies, err = session(server, [request, execute(key, [np.arange(3.0, dtype=np.float32)], [1]),
+                                    fetch(1, request_id=2)])
+    assert err is None and np.frombuffer(replies[1].tensor.data, np.float32).tolist() == [1, 3, 5]
 
 
 def test_bytes_that_are_not_a_request_are_invalid_arguments(serve):
