@@ -1,10 +1,12 @@
 """Reading an untrusted StableHLO module in a helper process first.
 
 jaxlib's StableHLO bytecode reader is not hardened against corrupted input:
-some corrupted `jax.export` modules (3 flipped bits in 1 of ~200) make it
-crash the process (SIGSEGV). The executor server hands each new module to
-`ModuleCheck.check` before reading it itself: a module that crashes the
-reader kills the helper (restarted for the next one), not the server.
+some corrupted `jax.export` modules (3 flipped bits: 1 in ~100) make it
+crash the process (SIGSEGV), and a few make it loop. The executor server
+hands each new module to `ModuleCheck.check` before reading it itself: a
+module that crashes the reader kills the helper, one that hangs it is
+stopped after `timeout_s` (modules are read in milliseconds), and the helper
+is restarted for the next one; the server keeps serving.
 Reading is deterministic, so a module the helper read is safe to read again.
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _serve(conn: Connection) -> None:
 class ModuleCheck:
     """One helper process, started once and again after each module that killed it."""
 
-    def __init__(self, timeout_s: float = 60.0):
+    def __init__(self, timeout_s: float = 20.0):
         self._timeout_s = timeout_s
         self._context = multiprocessing.get_context("spawn")  # no fork of a threaded server
         self._lock = threading.Lock()
