@@ -15,19 +15,21 @@
   numpy arrays and Python numbers (feeds) travel inline.
 - `Handle.local()` fetches one array, the only traffic back to Python.
 - A `Handle` Python no longer references is released with the next request.
+- A session with nothing to send pings the server well within its idle
+  timeout, so a program paused between steps keeps its arrays there.
 
-Token and TLS: TERRA_EXECUTOR_TOKEN_FILE names a file with the server's
-token; `grpcs://` connects with TLS, checked against the system's roots or
-the PEM file TERRA_EXECUTOR_TLS_CA names.
+Token and TLS (`RemoteOptions`, from TERRA_EXECUTOR_TOKEN_FILE and
+TERRA_EXECUTOR_TLS_CA): a file with the server's token; `grpcs://` connects
+with TLS, checked against the system's roots or a PEM file of roots.
 """
 from __future__ import annotations
 
 import atexit
 import collections
 import itertools
-import os
 import queue
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -38,17 +40,15 @@ import numpy as np
 
 from runtime._proto import executor_pb2 as pb
 from runtime._proto import executor_pb2_grpc as pb_grpc
-from runtime.executor import RemoteValue, TerraExecutorError, wait
+from runtime.executor import RemoteOptions, RemoteValue, TerraExecutorError, wait
 from runtime.tensors import from_tensor, to_tensor
 
 CONNECT_TIMEOUT_S = 5.0
-KEEPALIVE_MS = 5000
 
 
-def _channel_options() -> list:
+def _channel_options(keepalive: int) -> list:
     # A server that stops answering (hung, or its host gone) is declared dead
-    # after two keepalive periods; TERRA_EXECUTOR_KEEPALIVE_MS tunes the period.
-    keepalive = int(os.environ.get("TERRA_EXECUTOR_KEEPALIVE_MS", KEEPALIVE_MS))
+    # after two keepalive periods.
     return [("grpc.max_receive_message_length", -1),  # the server's limit is the one that counts
             ("grpc.max_send_message_length", -1),
             ("grpc.keepalive_time_ms", keepalive),
@@ -81,9 +81,14 @@ class Handle(RemoteValue):
 
 
 class Session:
-    """One `Session` stream: requests go out in order, replies come back by id."""
+    """One `Session` stream: requests go out in order, replies come back by id.
 
-    def __init__(self, channel: grpc.Channel, address: str, metadata: tuple):
+    With `ping_interval_s`, a Ping goes out whenever nothing else went out for
+    that long (the server closes silent sessions).
+    """
+
+    def __init__(self, channel: grpc.Channel, address: str, metadata: tuple,
+                 ping_interval_s: float | None = None):
         self.address = address
         self.handle_ids = itertools.count(1)
         self.released: collections.deque[int] = collections.deque()  # thread-safe appends
@@ -93,9 +98,14 @@ class Session:
         self._lock = threading.Lock()
         self._error: TerraExecutorError | None = None
         self._uploads: dict[int, Handle] = {}     # id(local jax.Array) -> its upload
+        self._sent_at = time.monotonic()
+        self._closed = threading.Event()
         self._call = pb_grpc.ExecutorStub(channel).Session(self._requests(), metadata=metadata)
         threading.Thread(target=self._read_replies, name="terra-remote-replies",
                          daemon=True).start()
+        if ping_interval_s:
+            threading.Thread(target=self._ping, args=(ping_interval_s,), name="terra-remote-ping",
+                             daemon=True).start()
 
     # -- sending -------------------------------------------------------------
     def send(self, request: pb.Request) -> None:
@@ -121,7 +131,15 @@ class Session:
         released = self.released
         while released:
             request.release.append(released.popleft())
+        self._sent_at = time.monotonic()
         self._outbox.put(request)
+
+    def _ping(self, interval: float) -> None:
+        while not self._closed.wait(interval / 4):
+            if self._error is not None:
+                return
+            if time.monotonic() - self._sent_at >= interval:
+                self._enqueue(pb.Request(ping=pb.Ping()))
 
     def _requests(self):
         while True:
@@ -131,6 +149,7 @@ class Session:
             yield request
 
     def close(self) -> None:
+        self._closed.set()
         self._outbox.put(_END)
 
     # -- replies ---------------------------------------------------------------
@@ -211,21 +230,26 @@ class RemoteExecutor:
 
     def __init__(self, address: str, *, token: str | None = None,
                  root_certificates: bytes | None = None, tls: bool = False,
+                 keepalive_ms: int = RemoteOptions().keepalive_ms,
                  connect_timeout: float = CONNECT_TIMEOUT_S):
         self.address = address
         target = address.split("://", 1)[-1]
         if tls:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self._channel = grpc.secure_channel(target, credentials, options=_channel_options())
+            self._channel = grpc.secure_channel(target, credentials,
+                                                options=_channel_options(keepalive_ms))
         else:
-            self._channel = grpc.insecure_channel(target, options=_channel_options())
+            self._channel = grpc.insecure_channel(target, options=_channel_options(keepalive_ms))
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         try:
-            self.platform = self.status(timeout=connect_timeout).platform
+            status = self.status(timeout=connect_timeout)
         except grpc.RpcError as err:
             self._channel.close()
             raise executor_error(address, err, connecting=True) from None
-        self._session = Session(self._channel, address, self._metadata)
+        self.platform = status.platform
+        # Ping at a third of the server's idle timeout: two pings may be late.
+        self._session = Session(self._channel, address, self._metadata,
+                                ping_interval_s=status.session_idle_timeout_s / 3 or None)
         self._compile = ThreadPoolExecutor(1, thread_name_prefix="terra-remote-compiler")
 
     def status(self, timeout: float = CONNECT_TIMEOUT_S) -> pb.ServerStatus:
@@ -293,7 +317,8 @@ def executor_error(address: str, err: grpc.RpcError, connecting: bool = False) -
         hint = ("is `python -m terra serve` running there?" if connecting
                 else "the executor process stopped or the connection broke")
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        hint = "a message exceeded the server's limit: start it with a larger --max-message-mb"
+        hint = ("the server's limits refused it: start `terra serve` with larger ones "
+                "(--max-message-mb, --max-session-mb, ...; see `terra serve --help`)")
     else:
         hint = "see the server's log"
     what = "cannot connect to" if connecting else "lost"
@@ -301,35 +326,42 @@ def executor_error(address: str, err: grpc.RpcError, connecting: bool = False) -
                               f"({hint})")
 
 
-_connections: dict[str, RemoteExecutor] = {}
+_connections: dict[tuple[str, RemoteOptions], RemoteExecutor] = {}
 _connections_lock = threading.Lock()
 
 
-def connect(address: str) -> RemoteExecutor:
+def connect(address: str, options: RemoteOptions = RemoteOptions()) -> RemoteExecutor:
     """The process's executor for `address` ("grpc://host:port" or "grpcs://host:port").
 
-    One session per address, shared by every step function; a session that
-    failed is replaced on the next call. Token and TLS settings come from
-    TERRA_EXECUTOR_TOKEN_FILE and TERRA_EXECUTOR_TLS_CA.
+    One session per address and options, shared by every step function; a
+    session that failed is replaced on the next call.
     """
     with _connections_lock:
-        executor = _connections.get(address)
+        key = (address, options)
+        executor = _connections.get(key)
         if executor is None or executor._session._error is not None:
-            executor = _connections[address] = RemoteExecutor(
-                address, token=_read_env_file("TERRA_EXECUTOR_TOKEN_FILE", text=True),
-                root_certificates=_read_env_file("TERRA_EXECUTOR_TLS_CA"),
-                tls=address.startswith("grpcs://"))
+            executor = _connections[key] = RemoteExecutor(
+                address, token=_read_file("TERRA_EXECUTOR_TOKEN_FILE", options.token_file, text=True),
+                root_certificates=_read_file("TERRA_EXECUTOR_TLS_CA", options.tls_ca),
+                tls=address.startswith("grpcs://"), keepalive_ms=options.keepalive_ms)
             atexit.register(executor.shutdown)
         return executor
 
 
-def _read_env_file(name: str, text: bool = False) -> Any:
-    path = os.environ.get(name)
-    if not path:
+def _read_file(name: str, path: str | None, text: bool = False) -> Any:
+    if path is None:
         return None
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as err:
         raise TerraExecutorError(f"{name}={path}: cannot read it ({err.strerror})") from None
-    return data.decode().strip() if text else data
+    if not text:
+        return data
+    try:
+        token = data.decode().strip()
+    except UnicodeDecodeError:
+        raise TerraExecutorError(f"{name}={path}: the token file is not text") from None
+    if not token:
+        raise TerraExecutorError(f"{name}={path}: the token file is empty")
+    return token

@@ -87,12 +87,11 @@ _stores: dict[str, ExecutableStore] = {}
 _stores_lock = threading.Lock()
 
 
-def executable_store(cache_dir: str | None = None) -> ExecutableStore | None:
-    """The store under `cache_dir` (default: TERRA_CACHE_DIR), or None when unset."""
-    cache_dir = cache_dir if cache_dir is not None else os.environ.get("TERRA_CACHE_DIR", "")
-    if not cache_dir.strip():
+def executable_store(cache_dir: str | None) -> ExecutableStore | None:
+    """The store under `cache_dir` (TERRA_CACHE_DIR), or None without one."""
+    if cache_dir is None:
         return None
-    directory = str(Path(cache_dir).expanduser() / "executables")
+    directory = str(Path(cache_dir) / "executables")
     with _stores_lock:
         store = _stores.get(directory)
         if store is None:

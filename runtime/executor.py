@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import abc
 import atexit
-import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import jax
 
@@ -46,9 +45,14 @@ class Executor(Protocol):
 
 
 class GraphExecutor:
-    """Dispatches on the caller's thread; compiles in a dedicated daemon-free thread."""
+    """Dispatches on the caller's thread; compiles in a dedicated daemon-free thread.
 
-    def __init__(self) -> None:
+    With a `cache_dir`, executables compiled before (also by an earlier
+    process) are loaded from it instead of compiled.
+    """
+
+    def __init__(self, cache_dir: str | None = None) -> None:
+        self._store = executable_store(cache_dir)
         self._compile = ThreadPoolExecutor(1, thread_name_prefix="terra-compiler")
         self._closed = False
         self._lock = threading.Lock()
@@ -71,13 +75,10 @@ class GraphExecutor:
         """Lower and compile `fn` for inputs `specs` (runs in the compile thread).
 
         `out_shardings` (None: XLA's choice) places the outputs on a mesh.
-        With TERRA_CACHE_DIR set, executables compiled before (also by an
-        earlier process) are loaded instead of compiled.
         """
         shardings = {} if out_shardings is None else {"out_shardings": out_shardings}
         lowered = jax.jit(fn, keep_unused=True, **shardings).lower(*specs)
-        store = executable_store()
-        return lowered.compile() if store is None else store.compile(lowered)
+        return lowered.compile() if self._store is None else self._store.compile(lowered)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -117,40 +118,47 @@ def wait(future: Future) -> Any:
             continue
 
 
-_default: GraphExecutor | None = None
+_defaults: dict[str | None, GraphExecutor] = {}
 _default_lock = threading.Lock()
 
 
-def default_executor() -> GraphExecutor:
-    """The process-wide executor, created on first use and shut down at exit."""
-    global _default
+def default_executor(cache_dir: str | None = None) -> GraphExecutor:
+    """The process-wide executor (one per cache directory), created on first use, shut down at exit."""
     with _default_lock:
-        if _default is None:
-            _default = GraphExecutor()
-            atexit.register(_default.shutdown)
-        return _default
+        executor = _defaults.get(cache_dir)
+        if executor is None:
+            executor = _defaults[cache_dir] = GraphExecutor(cache_dir)
+            atexit.register(executor.shutdown)
+        return executor
 
 
-def select_executor(spec: Executor | str | None = None) -> Executor:
-    """The executor `spec` names; None means the TERRA_EXECUTOR environment variable.
+class RemoteOptions(NamedTuple):
+    """How to reach a `python -m terra serve` process (terra.config reads them from TERRA_EXECUTOR_*)."""
 
-    `spec` is an executor object, "" for the in-process executor, or
-    "grpc://host:port" ("grpcs://" for TLS) for a `python -m terra serve`
-    process (see runtime/client.py for its token and TLS settings).
+    token_file: str | None = None     # holds the token the server requires
+    tls_ca: str | None = None         # PEM roots checking its certificate (grpcs://)
+    keepalive_ms: int = 5000          # a silent server is declared dead after two periods
+
+
+def select_executor(spec: Executor | str = "", *, cache_dir: str | None = None,
+                    remote: RemoteOptions = RemoteOptions()) -> Executor:
+    """The executor `spec` names.
+
+    `spec` is an executor object, "" for the in-process executor (using the
+    executable cache in `cache_dir`, if any), or "grpc://host:port"
+    ("grpcs://" for TLS) for a `python -m terra serve` process, reached with
+    `remote`.
 
     Example:
         >>> select_executor("") is default_executor()
         True
     """
-    if spec is None:
-        spec = os.environ.get("TERRA_EXECUTOR", "")
     if not isinstance(spec, str):
         return spec
     if not spec.strip():
-        return default_executor()
+        return default_executor(cache_dir)
     if spec.startswith(("grpc://", "grpcs://")):
         from runtime.client import connect  # grpc is imported only when it is used
-        return connect(spec)
+        return connect(spec, remote)
     raise ValueError(f"unknown executor {spec!r}: use grpc://host:port (or grpcs:// for TLS) "
-                     "for a `python -m terra serve` process, or leave TERRA_EXECUTOR unset "
-                     "for the in-process executor")
+                     "for a `python -m terra serve` process, or \"\" for the in-process executor")

@@ -23,6 +23,8 @@ DTYPES = frozenset({
     "float16", "bfloat16", "float32", "float64", "complex64", "complex128",
 })
 KEY_IMPLS = {"threefry2x32": (2,), "rbg": (4,), "unsafe_rbg": (4,)}  # impl -> key data shape
+MAX_DIMENSIONS = 64           # numpy's limit (a key's data dimension included)
+_MAX_BYTES = (1 << 63) - 1    # numpy's limit on size * itemsize, zero dimensions counted as 1
 
 
 class MalformedTensor(ValueError):
@@ -44,12 +46,13 @@ def from_tensor(tensor: pb.Tensor) -> np.ndarray | jax.Array:
     or a jax.Array for typed PRNG keys.
 
     Raises:
-        MalformedTensor: unknown dtype, negative dimension, or a byte count
-            that does not match dtype and shape.
+        MalformedTensor: unknown dtype, negative dimension, too many
+            dimensions, a shape no array can have, or a byte count that does
+            not match dtype and shape.
     """
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
-        raise MalformedTensor(f"negative dimension in shape {shape}")
+        raise MalformedTensor(f"negative dimension in shape {list(shape)}")
     impl = tensor.dtype[4:-1] if tensor.dtype.startswith("key<") else None
     if impl is not None:
         if impl not in KEY_IMPLS:
@@ -64,6 +67,11 @@ def from_tensor(tensor: pb.Tensor) -> np.ndarray | jax.Array:
 
 
 def _elements(data: bytes, dtype: np.dtype, shape: tuple, name: str) -> np.ndarray:
+    if len(shape) > MAX_DIMENSIONS:
+        raise MalformedTensor(f"{len(shape)} dimensions; a {name} array has at most {MAX_DIMENSIONS}")
+    # An empty array's other dimensions still count: numpy refuses [0, 2**62, 2**62].
+    if math.prod(max(d, 1) for d in shape) * dtype.itemsize > _MAX_BYTES:
+        raise MalformedTensor(f"shape {list(shape)} is too large for any {name} array")
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise MalformedTensor(f"{len(data)} bytes do not hold a {name}{list(shape)} array "

@@ -4,12 +4,13 @@
 speed; see README.md and docs/design.md for how.
 """
 from runtime.executor import TerraExecutorError
-from terra import telemetry
+from terra import config, telemetry
 from terra.api import StepFunction, explain, function
 from terra.coexec import TerraInternalError, TerraWarning
+from terra.config import ConfigError
 from terra.telemetry import Stats, timeline
 
 __all__ = ["function", "explain", "timeline", "StepFunction", "Stats", "TerraWarning",
-           "TerraInternalError", "TerraExecutorError"]
+           "TerraInternalError", "TerraExecutorError", "ConfigError"]
 
 telemetry.configure_from_env()

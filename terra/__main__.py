@@ -79,6 +79,15 @@ def run_script(path: str, steps: Sequence[str], argv: Sequence[str]) -> None:
     exec(code, module.__dict__)
 
 
+def _telemetry_address(text: str) -> str:
+    from terra import config
+    try:
+        config.parse_address("--telemetry", text)
+    except config.ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m terra",
                                      description="Terra: co-execute imperative JAX programs.")
@@ -90,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                      help="write a Chrome trace timeline (open it in https://ui.perfetto.dev)")
     run.add_argument("--explain", action="store_true",
                      help="print where each step function syncs, diverges and compiles, at exit")
-    run.add_argument("--telemetry", metavar="[HOST:]PORT",
+    run.add_argument("--telemetry", metavar="[HOST:]PORT", type=_telemetry_address,
                      help="serve the live event stream (loopback by default) for `terra watch`")
     run.add_argument("script", help="the Python script to run as __main__")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")

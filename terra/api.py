@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
 import threading
 import time
 import warnings
@@ -27,7 +26,8 @@ from typing import Any, Callable, TypeVar
 
 import jax
 
-from runtime.executor import Executor, TerraExecutorError, select_executor, wait
+from runtime.executor import Executor, RemoteOptions, TerraExecutorError, select_executor, wait
+from terra import config
 from terra.coexec import COEXEC, TRACING, StepRun, TerraInternalError, TerraWarning
 from terra import cache, generate
 from terra.generate import Program, build_program
@@ -55,8 +55,34 @@ def _unique_name(name: str) -> str:
     return name if k == 1 else f"{name}#{k}"
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+def _check_options(max_graphs: Any, max_paths: Any, strict: Any, executor: Any) -> None:
+    """Refuse what `terra.function` cannot use, naming the argument and what it accepts."""
+    for name, value in (("max_graphs", max_graphs), ("max_paths", max_paths)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"terra.function: {name} must be an int >= 1, "
+                            f"got {type(value).__name__} {value!r}")
+        if value < 1:
+            raise ValueError(f"terra.function: {name} must be an int >= 1, got {value} "
+                             "(to run the function eagerly, call it without terra.function "
+                             "or set TERRA_DISABLE=1)")
+    if strict is not None and not isinstance(strict, bool):
+        raise TypeError(f"terra.function: strict must be True, False or None (TERRA_STRICT), "
+                        f"got {type(strict).__name__} {strict!r}")
+    if executor is not None and not isinstance(executor, str) and not all(
+            callable(getattr(executor, m, None))
+            for m in ("compile_function", "dispatch", "compile", "shutdown")):
+        raise TypeError("terra.function: executor must be None (TERRA_EXECUTOR), a "
+                        "\"grpc://HOST:PORT\" string, or an executor object (compile_function, "
+                        f"dispatch, compile, shutdown), got {type(executor).__name__} {executor!r}")
+
+
+def _executor(executor: Executor | str | None, settings: config.Config) -> Executor:
+    if executor is None:
+        executor = settings.executor
+    elif isinstance(executor, str):
+        executor = config.parse_executor("terra.function: executor", executor)
+    return select_executor(executor, cache_dir=settings.cache_dir, remote=RemoteOptions(
+        settings.executor_token_file, settings.executor_tls_ca, settings.executor_keepalive_ms))
 
 
 class StepFunction:
@@ -64,14 +90,22 @@ class StepFunction:
 
     def __init__(self, fn: Callable, *, max_graphs: int = 8, max_paths: int = 64,
                  strict: bool | None = None, executor: Executor | str | None = None):
+        if not callable(fn):
+            raise TypeError(f"terra.function: fn must be a callable (the step function), "
+                            f"got {type(fn).__name__} {fn!r}")
+        _check_options(max_graphs, max_paths, strict, executor)
         functools.update_wrapper(self, fn)
+        if not hasattr(self, "__name__"):  # a callable object or a partial
+            self.__name__ = getattr(type(fn), "__name__", "step")
         self._fn = fn
         self.telemetry_name = _unique_name(self.__name__)
         self._max_graphs = max_graphs
         self._max_paths = max_paths
-        self._strict = _env_flag("TERRA_STRICT") if strict is None else strict
-        self._sync_compile = _env_flag("TERRA_SYNC_COMPILE")
-        self._executor = select_executor(executor)
+        settings = config.current()
+        self._strict = settings.strict if strict is None else strict
+        self._sync_compile = settings.sync_compile
+        self._cache_dir = settings.cache_dir
+        self._executor = _executor(executor, settings)
         self._graph = TraceGraph()
         self._stats = Stats()
         self._program: Program | None = None
@@ -130,7 +164,7 @@ class StepFunction:
 
     def __call__(self, *args, **kwargs):
         nested = getattr(_active, "run", None) is not None
-        if nested or self._stats.gave_up or _env_flag("TERRA_DISABLE"):
+        if nested or self._stats.gave_up or config.current().disable:
             return self._call_eagerly(args, kwargs)
         # One co-executed call at a time: a call from a second thread while one
         # runs goes eagerly (same results, never waits for the other thread).
@@ -217,7 +251,8 @@ class StepFunction:
         saved graph that cannot be compiled is dropped and recorded again.
         """
         self._looked_in_cache = True
-        store = self._graph_store = cache.graph_store(self._fn, self.telemetry_name)
+        store = self._graph_store = cache.graph_store(self._fn, self.telemetry_name,
+                                                      self._cache_dir)
         graph = None if store is None else store.load()
         if graph is None:
             return
@@ -372,6 +407,7 @@ def function(fn: F | None = None, *, max_graphs: int = 8, max_paths: int = 64,
         5
     """
     if fn is None:
+        _check_options(max_graphs, max_paths, strict, executor)  # refused at the decorator
         return functools.partial(function, max_graphs=max_graphs, max_paths=max_paths,
                                  strict=strict, executor=executor)  # type: ignore
     return StepFunction(fn, max_graphs=max_graphs, max_paths=max_paths, strict=strict,
@@ -394,6 +430,12 @@ def explain(fn: StepFunction | None = None, *, at_exit: bool = False) -> str:
         >>> terra.explain(train_step, at_exit=True)       # doctest: +SKIP
         >>> for batch in data: train_step(...)            # report printed at exit
     """
+    if fn is not None and not isinstance(fn, StepFunction):
+        raise TypeError(f"terra.explain: fn must be a terra.function or None (every step "
+                        f"function), got {type(fn).__name__} {fn!r}")
+    if not isinstance(at_exit, bool):
+        raise TypeError(f"terra.explain: at_exit must be True or False, "
+                        f"got {type(at_exit).__name__} {at_exit!r}")
     if at_exit:
         telemetry.enable(explain_at_exit=True)
     name = None if fn is None else fn.telemetry_name

@@ -44,6 +44,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from terra import config
+
 RTOL, ATOL = 1e-4, 1e-5   # equal to eager within what XLA fusion explains
 # Verdicts for all modes come from a run this long: over longer runs float
 # reassociation compounds. Terra is also checked on every timed round, at full
@@ -418,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m terra bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
     parser.add_argument("--programs", help="comma-separated program names (default: all)")
-    parser.add_argument("--steps", type=int, help="steps per round")
-    parser.add_argument("--rounds", type=int, help="timed rounds per mode")
+    parser.add_argument("--steps", type=config.positive(int), help="steps per round")
+    parser.add_argument("--rounds", type=config.positive(int), help="timed rounds per mode")
     parser.add_argument("--json", metavar="FILE", help="write results as JSON")
     parser.add_argument("--plot", metavar="FILE", help="write a PNG plot of speedups")
     args = parser.parse_args(argv)

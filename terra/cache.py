@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import marshal
-import os
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -87,12 +86,11 @@ class GraphStore:
         self.path.unlink(missing_ok=True)
 
 
-def graph_store(fn: Callable, name: str) -> GraphStore | None:
-    """The store of step function `fn` under TERRA_CACHE_DIR; None when it is unset."""
-    cache_dir = os.environ.get("TERRA_CACHE_DIR", "")
-    if not cache_dir.strip():
+def graph_store(fn: Callable, name: str, cache_dir: str | None) -> GraphStore | None:
+    """The store of step function `fn` under `cache_dir` (TERRA_CACHE_DIR); None without one."""
+    if cache_dir is None:
         return None
-    return GraphStore(Path(cache_dir).expanduser() / "graphs" / f"{_key(fn, name)}.graph", name)
+    return GraphStore(Path(cache_dir) / "graphs" / f"{_key(fn, name)}.graph", name)
 
 
 def _key(fn: Callable, name: str) -> str:

@@ -73,7 +73,7 @@ def main(argv):
               "params": [float(jnp.sum(v)) for v in jax.tree.leaves(params)]}
     if mode == "terra":
         from runtime.executable_cache import executable_store
-        store = executable_store()
+        store = executable_store(terra.config.current().cache_dir)
         report["stats"] = step.stats().as_dict()
         report["store"] = None if store is None else {
             "loaded": store.loaded, "compiled": store.compiled}

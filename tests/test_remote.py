@@ -40,7 +40,9 @@ MAX_MESSAGE_MB = 2   # small, so the oversized-message test stays cheap
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    with ServerProcess("--max-message-mb", str(MAX_MESSAGE_MB), log_path=str(log)) as s:
+    # Every session here comes from one host: let it fill the server (the total limit).
+    with ServerProcess("--max-message-mb", str(MAX_MESSAGE_MB), "--max-sessions-per-peer",
+                       str(MAX_SESSIONS), log_path=str(log)) as s:
         s.log = log
         yield s
 
@@ -233,8 +235,8 @@ def test_sessions_cannot_read_or_release_each_others_handles(server):
 
     _, err = raw_session(server, [fetch(1)])                      # B reads A's handle 1
     assert err.code() == grpc.StatusCode.NOT_FOUND and "unknown handle 1" in err.details()
-    _, err = raw_session(server, [pb.Request(put=pb.Put(handle=2, tensor=to_tensor(np.ones(1))),
-                                             release=[1])])      # B releases A's handle 1
+    _, err = raw_session(server, [pb.Request(put=pb.Put(handle=2, tensor=to_tensor(
+        np.ones(1, np.float32))), release=[1])])                 # B releases A's handle 1
     assert err.code() == grpc.StatusCode.NOT_FOUND
 
     q.put(fetch(1, request_id=8))                                 # A still has it
@@ -268,7 +270,7 @@ def test_session_limit_keeps_health_checks_answering(server):
         for i in range(MAX_SESSIONS - status(server).sessions):
             q = queue.SimpleQueue()
             call = stub.Session(iter(q.get, None), timeout=30)
-            q.put(put(1, np.ones(1)))
+            q.put(put(1, np.ones(1, np.float32)))
             q.put(fetch(1))
             next(call)                               # the session is open
             queues.append(q)
@@ -284,7 +286,7 @@ def test_session_limit_keeps_health_checks_answering(server):
             q.put(None)
             list(call)
         channel.close()
-    _, err = raw_session(server, [put(1, np.ones(1)), fetch(1)])  # room again
+    _, err = raw_session(server, [put(1, np.ones(1, np.float32)), fetch(1)])  # room again
     assert err is None
 
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import os
 import sys
 import threading
 from typing import Iterator
 
+from terra import config
 from terra.telemetry import events
 from terra.telemetry.events import Recorder
 from terra.telemetry.explain import ExplainSink, render
@@ -127,11 +127,9 @@ def stream_address() -> str | None:
 
 def configure_from_env() -> None:
     """Apply TERRA_TRACE / TERRA_EXPLAIN / TERRA_TELEMETRY (called on `import terra`)."""
-    trace = os.environ.get("TERRA_TRACE", "").strip() or None
-    explain = os.environ.get("TERRA_EXPLAIN", "").strip().lower() not in ("", "0", "false", "no")
-    stream = os.environ.get("TERRA_TELEMETRY", "").strip() or None
-    if trace or explain or stream:
-        enable(trace=trace, explain_at_exit=explain, stream=stream)
+    settings = config.current()
+    if settings.trace or settings.explain or settings.telemetry:
+        enable(trace=settings.trace, explain_at_exit=settings.explain, stream=settings.telemetry)
 
 
 def _at_exit() -> None:

@@ -15,6 +15,7 @@ from typing import Iterator
 import grpc
 
 from runtime._proto import telemetry_pb2, telemetry_pb2_grpc
+from terra import config
 from terra.telemetry.events import Event
 
 _QUEUE = 1 << 14          # events buffered per subscriber
@@ -24,14 +25,7 @@ _MAX_SUBSCRIBERS = 8
 
 def parse_address(text: str) -> tuple[str, int]:
     """`PORT` or `HOST:PORT` -> (host, port); the host defaults to loopback."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep:
-        host, port = "127.0.0.1", text.strip()
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit():
-        raise ValueError(f"terra: telemetry address {text!r} is not PORT or HOST:PORT "
-                         "(e.g. TERRA_TELEMETRY=127.0.0.1:7007)")
-    return host, int(port)
+    return config.parse_address("telemetry address", text)
 
 
 def is_loopback(host: str) -> bool:

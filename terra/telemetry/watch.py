@@ -17,6 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from terra import config
+
 _WINDOW = 1000  # steps the percentiles and splits are taken over
 
 
@@ -110,8 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                  "TERRA_TELEMETRY=HOST:PORT.")
     parser.add_argument("address", help="HOST:PORT (or PORT on loopback) of the program")
     parser.add_argument("--function", default="", help="only this step function")
-    parser.add_argument("--interval", type=float, default=0.5, help="seconds between refreshes")
-    parser.add_argument("--duration", type=float, default=None,
+    parser.add_argument("--interval", type=config.positive(float), default=0.5,
+                        help="seconds between refreshes")
+    parser.add_argument("--duration", type=config.positive(float), default=None,
                         help="stop after this many seconds (default: until the program ends)")
     ns = parser.parse_args(argv)
 
