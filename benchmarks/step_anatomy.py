@@ -18,7 +18,8 @@ covers the loop (TERRA_SYNC_COMPILE=1), then measures `--steps` co-executed step
   by equality -- and the arguments' avals), rounds interleaved.
 * dispatch: every segment executable call in situ (wall and thread CPU time,
   whether its inputs were computed yet), the same call with its inputs made
-  ready first, and the same executable called alone on those inputs.
+  ready first, and the same executable called alone on those inputs, back to
+  back and after 2 ms of Python busy work (as a step's Python runs between).
 * gc: time in the cyclic garbage collector per step and the objects it
   tracks, with and without `gc.freeze()` after the graph is built, rounds
   interleaved.
@@ -243,6 +244,12 @@ class TimedExecutable:
         return outs
 
 
+def busy(ms: float) -> None:
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        pass
+
+
 def dispatch(name: str, steps: int) -> None:
     module, wrap = prepared(name)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
@@ -264,18 +271,21 @@ def dispatch(name: str, steps: int) -> None:
                   f"{sum(c[2] for c in t.calls)}/{len(wall)}")
             if make_ready:   # the same executable alone, on the last call's inputs
                 xs = jax.block_until_ready(t.calls[-1][3])
-                call, done = [], []
-                for _ in range(20):
-                    start, cpu = time.perf_counter(), time.thread_time()
-                    outs = t.executable(*xs)
-                    call.append((1e3 * (time.perf_counter() - start),
-                                 1e3 * (time.thread_time() - cpu)))
-                    jax.block_until_ready(outs)
-                    done.append(1e3 * (time.perf_counter() - start))
-                print(f"{name} segment {t.index} (alone): the call returns after "
-                      f"{statistics.median(c[0] for c in call):.3f} ms wall, "
-                      f"{statistics.median(c[1] for c in call):.3f} ms thread CPU; "
-                      f"done after {statistics.median(done):.3f} ms")
+                for gap_ms in (0.0, 2.0):   # back to back; after Python work, as in a step
+                    call, done = [], []
+                    for _ in range(20):
+                        busy(gap_ms)
+                        start, cpu = time.perf_counter(), time.thread_time()
+                        outs = t.executable(*xs)
+                        call.append((1e3 * (time.perf_counter() - start),
+                                     1e3 * (time.thread_time() - cpu)))
+                        jax.block_until_ready(outs)
+                        done.append(1e3 * (time.perf_counter() - start))
+                    print(f"{name} segment {t.index} (alone, {gap_ms:.0f} ms of Python before "
+                          f"each call): the call returns after "
+                          f"{statistics.median(c[0] for c in call):.3f} ms wall, "
+                          f"{statistics.median(c[1] for c in call):.3f} ms thread CPU; "
+                          f"done after {statistics.median(done):.3f} ms")
         for seg, t in zip(segments, timed):
             seg.executable = t.executable
 
