@@ -1,10 +1,15 @@
-"""Helpers shared by the examples: the standalone command line (`cli`) and the
-`--compare` mode (not needed to read them).
+"""Helpers shared by the examples: the standalone command line (`cli`), the
+`--compare` mode, and the pieces of the expert versions (not needed to read them).
 
 An example module provides `train_step` and `train(step_fn, steps, log, seed,
 timings)`; `compare` runs the same training loop eagerly and under
 `terra.function` in one process, from the same initial state and data, and
 reports step times, whether the outputs agree, and Terra's statistics.
+
+`EXPERT_STEPS` in an example maps each step function's name to the version an
+expert JAX user would write by hand: the same Python, numpy and third-party
+calls, with the pure parts (forward; loss + gradient + optimizer update) in
+`jax.jit` (`jit_update`); `--mode expert` and `terra bench` run it.
 """
 
 import re
@@ -12,6 +17,7 @@ import statistics
 
 import jax
 import numpy as np
+import optax
 
 # Terra's results equal eager results within what XLA fusion explains.
 RTOL = 1e-4
@@ -135,8 +141,37 @@ def compare(module, name, steps):
     return 0 if (params_ok and logs_ok) else 1
 
 
-def cli(run, doc, argv=None, default_steps=20):
-    """The standalone command line of an example: `--steps N --mode eager|jit|terra`.
+MODES = ("eager", "jit", "terra", "expert")
+
+
+def jit_update(loss_fn, optimizer, has_aux=False, static_argnums=()):
+    """The expert's jitted training update, `(params, opt_state, *args) ->
+    (params, opt_state, loss_fn's value)`: `loss_fn(params, *args)`'s gradient
+    applied by `optimizer`. `static_argnums` count from `params` (0) as in `loss_fn`.
+    """
+    def update(params, opt_state, *args):
+        value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, *args)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    # update's arguments are loss_fn's with opt_state inserted after params
+    return jax.jit(update, static_argnums=tuple(i + 1 if i else i for i in static_argnums))
+
+
+def mode_wrap(mode, experts=None):
+    """`wrap(step_fn)` for a `--mode`: eager (as is), jit, terra, or the expert version."""
+    if mode == "jit":
+        return jax.jit
+    if mode == "terra":
+        import terra
+        return terra.function
+    if mode == "expert":
+        return lambda fn: experts[fn.__name__]
+    return lambda fn: fn
+
+
+def cli(run, doc, argv=None, default_steps=20, experts=None):
+    """The standalone command line of an example: `--steps N --mode eager|jit|terra|expert`.
 
     Runs `run(wrap, steps, timings=...)` and prints the median step time of the
     second half (after warm-up and, for terra, the background compile) to stderr.
@@ -146,18 +181,10 @@ def cli(run, doc, argv=None, default_steps=20):
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--steps", type=int, default=default_steps)
-    parser.add_argument("--mode", choices=["eager", "jit", "terra"], default="eager")
+    parser.add_argument("--mode", choices=MODES, default="eager")
     args = parser.parse_args(argv)
-    if args.mode == "jit":
-        wrap = jax.jit
-    elif args.mode == "terra":
-        import terra
-        wrap = terra.function
-    else:
-        def wrap(f):
-            return f
     timings = []
-    run(wrap, args.steps, timings=timings)
+    run(mode_wrap(args.mode, experts), args.steps, timings=timings)
     steady = sorted(timings[len(timings) // 2:])
     if steady:
         print(f"median step time (2nd half) {1e3 * steady[len(steady) // 2]:.1f} ms",

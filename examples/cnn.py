@@ -8,11 +8,13 @@ speed, and `jax.jit` is not much faster than eager.
     python examples/cnn.py --steps 50                  # eager JAX
     python examples/cnn.py --steps 50 --mode jit       # jax.jit(train_step)
     python examples/cnn.py --steps 50 --mode terra     # terra.function(train_step)
+    python examples/cnn.py --steps 50 --mode expert    # what an expert writes: jax.jit
     python -m terra run --step train_step examples/cnn.py --steps 50
     python examples/cnn.py --compare --steps 40        # eager vs terra, side by side
 """
 
 import argparse
+import os
 import sys
 import time
 
@@ -20,6 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402  (examples/ is not a package)
 
 BATCH = 32
 IMAGE = (32, 32, 3)
@@ -89,6 +94,8 @@ def train_step(params, opt_state, x, y):
 
 
 STEP_FUNCTIONS = ("train_step",)  # for `python -m terra bench`
+# The whole step is pure, so an expert jits all of it.
+EXPERT_STEPS = {"train_step": jax.jit(train_step)}
 
 
 def run(wrap, steps, log=print, seed=0, timings=None):
@@ -115,25 +122,15 @@ def train(step_fn, steps, log=print, seed=0, timings=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--mode", choices=["eager", "jit", "terra"], default="eager")
+    parser.add_argument("--mode", choices=_common.MODES, default="eager")
     parser.add_argument("--compare", action="store_true",
                         help="run eager and terra side by side and compare")
     args = parser.parse_args(argv)
 
     if args.compare:
-        import os
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import _common
         return _common.compare(sys.modules[__name__], "cnn", args.steps)
 
-    if args.mode == "jit":
-        step_fn = jax.jit(train_step)
-    elif args.mode == "terra":
-        import terra
-        step_fn = terra.function(train_step)
-    else:
-        step_fn = train_step
-    train(step_fn, args.steps)
+    train(_common.mode_wrap(args.mode, EXPERT_STEPS)(train_step), args.steps)
     return 0
 
 

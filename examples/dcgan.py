@@ -16,6 +16,7 @@ What makes whole-step staging hard, inside the step functions:
     python examples/dcgan.py --steps 20                 # eager JAX
     python examples/dcgan.py --steps 20 --mode jit      # jax.jit(d_step), jax.jit(g_step)
     python examples/dcgan.py --steps 20 --mode terra    # terra.function(...)
+    python examples/dcgan.py --steps 20 --mode expert   # the hand partial-jit version
 """
 
 import os
@@ -27,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402  (examples/ is not a package)
 
 BATCH = 32
 IMAGE = 16
@@ -99,39 +103,65 @@ def bce_with_logits(logits, target):
     return optax.sigmoid_binary_cross_entropy(logits, jnp.full_like(logits, target)).mean()
 
 
+def d_loss(dp, real, fake):
+    real_logits = discriminator.apply(dp, real)
+    fake_logits = discriminator.apply(dp, fake)
+    # one-sided label smoothing on the real side
+    loss = bce_with_logits(real_logits, 0.9) + bce_with_logits(fake_logits, 0.0)
+    return loss, (real_logits, fake_logits)
+
+
+def g_loss(gp, d_params, z):
+    fake = generator.apply(gp, z)
+    return bce_with_logits(discriminator.apply(d_params, fake), 1.0)  # non-saturating
+
+
+def d_accuracy(real_logits, fake_logits):
+    """Python-side metric on the fetched logits."""
+    return float(0.5 * (np.mean(np.asarray(real_logits) > 0)
+                        + np.mean(np.asarray(fake_logits) < 0)))
+
+
 def d_step(d_params, d_opt_state, g_params, real, instance_noise):
     # numpy noise every step: latent codes and instance noise on the real batch
     z = sample_latent(real.shape[0])
     real = real + instance_noise * noise_rng.normal(size=real.shape).astype(np.float32)
     fake = generator.apply(g_params, z)
-
-    def loss_fn(dp):
-        real_logits = discriminator.apply(dp, real)
-        fake_logits = discriminator.apply(dp, fake)
-        # one-sided label smoothing on the real side
-        loss = bce_with_logits(real_logits, 0.9) + bce_with_logits(fake_logits, 0.0)
-        return loss, (real_logits, fake_logits)
-
     (loss, (real_logits, fake_logits)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(d_params)
+        d_loss, has_aux=True)(d_params, real, fake)
     updates, d_opt_state = d_optimizer.update(grads, d_opt_state, d_params)
     d_params = optax.apply_updates(d_params, updates)
-    # Python-side metric on the fetched logits
-    acc = 0.5 * (np.mean(np.asarray(real_logits) > 0) + np.mean(np.asarray(fake_logits) < 0))
-    return d_params, d_opt_state, loss, float(acc)
+    return d_params, d_opt_state, loss, d_accuracy(real_logits, fake_logits)
 
 
 def g_step(g_params, g_opt_state, d_params):
     z = sample_latent(BATCH)
-
-    def loss_fn(gp):
-        fake = generator.apply(gp, z)
-        return bce_with_logits(discriminator.apply(d_params, fake), 1.0)  # non-saturating
-
-    loss, grads = jax.value_and_grad(loss_fn)(g_params)
+    loss, grads = jax.value_and_grad(g_loss)(g_params, d_params, z)
     updates, g_opt_state = g_optimizer.update(grads, g_opt_state, g_params)
     g_params = optax.apply_updates(g_params, updates)
     return g_params, g_opt_state, loss
+
+
+# The expert's version: the numpy noise and the metric on the host, the generator's
+# forward and each loss + gradient + update in jit.
+_generate = jax.jit(generator.apply)
+_expert_d_update = _common.jit_update(d_loss, d_optimizer, has_aux=True)
+_expert_g_update = _common.jit_update(g_loss, g_optimizer)
+
+
+def expert_d_step(d_params, d_opt_state, g_params, real, instance_noise):
+    z = sample_latent(real.shape[0])
+    real = real + instance_noise * noise_rng.normal(size=real.shape).astype(np.float32)
+    d_params, d_opt_state, (loss, (real_logits, fake_logits)) = _expert_d_update(
+        d_params, d_opt_state, real, _generate(g_params, z))
+    return d_params, d_opt_state, loss, d_accuracy(real_logits, fake_logits)
+
+
+def expert_g_step(g_params, g_opt_state, d_params):
+    return _expert_g_update(g_params, g_opt_state, d_params, sample_latent(BATCH))
+
+
+EXPERT_STEPS = {"d_step": expert_d_step, "g_step": expert_g_step}
 
 
 def init_params(seed=0):
@@ -182,9 +212,7 @@ def run(wrap, steps, log=print, seed=0, timings=None):
 
 
 def main(argv=None):
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import _common
-    return _common.cli(run, __doc__, argv)
+    return _common.cli(run, __doc__, argv, experts=EXPERT_STEPS)
 
 
 if __name__ == "__main__":

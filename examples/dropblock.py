@@ -20,6 +20,7 @@ and the numpy schedule turns it into a numpy array -- it raises
     python examples/dropblock.py --steps 20                  # eager JAX
     python examples/dropblock.py --steps 20 --mode jit       # jax.jit(train_step): raises
     python examples/dropblock.py --steps 20 --mode terra     # terra.function(train_step)
+    python examples/dropblock.py --steps 20 --mode expert    # the hand partial-jit version
 """
 
 import os
@@ -30,6 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402  (examples/ is not a package)
 
 BATCH = 32
 IMAGE = (32, 32, 3)
@@ -134,27 +138,34 @@ def dropblock_mask(shape, keep_prob, block_size):
     return mask.astype(np.float32), scale
 
 
-def dropblock(h, keep_prob, block_size, stats):
+def sample_mask(shape, keep_prob, block_size, stats):
+    """(mask, scale) for one DropBlock layer, None when nothing drops; notes the fraction."""
     if keep_prob >= 1.0:
         stats.append(0.0)
-        return h
-    mask, scale = dropblock_mask(h.shape, keep_prob, block_size)
+        return None
+    mask, scale = dropblock_mask(shape, keep_prob, block_size)
     stats.append(float(1.0 - mask.mean()))
-    return h * jnp.asarray(mask) * scale
+    return mask, scale
 
 
-def predict(params, x, keep_prob, stats):
+def dropblock(h, keep_prob, block_size, stats):
+    drop = sample_mask(h.shape, keep_prob, block_size, stats)
+    return h if drop is None else h * jnp.asarray(drop[0]) * drop[1]
+
+
+def predict(params, x, drop):
+    """The network; `drop(h, i)` applies the i-th DropBlock layer."""
     h = jax.nn.relu(conv2d(x, params["stem"], stride=2))  # 16x16
     for i in range(len(STAGES)):
         h = residual_block(h, params[f"block{i + 1}"], 1 if i == 0 else 2)
         if i < len(DROPBLOCK_SIZES):
-            h = dropblock(h, keep_prob, DROPBLOCK_SIZES[i], stats)
+            h = drop(h, i)
     h = jnp.mean(h, axis=(1, 2))  # global average pool
     return h @ params["dense"]["w"] + params["dense"]["b"]
 
 
 def loss_fn(params, x, y, keep_prob, stats):
-    logits = predict(params, x, keep_prob, stats)
+    logits = predict(params, x, lambda h, i: dropblock(h, keep_prob, DROPBLOCK_SIZES[i], stats))
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
@@ -165,6 +176,33 @@ def train_step(params, opt_state, x, y, step):
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, loss, keep_prob, dropped
+
+
+# The expert's version: the schedule and the masks in numpy up front (the feature map
+# shapes follow from the architecture), loss + gradient + update in one jit.
+def masked_loss(params, x, y, masks):
+    def drop(h, i):
+        return h if masks[i] is None else h * masks[i][0] * masks[i][1]
+
+    logits = predict(params, x, drop)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+_expert_update = _common.jit_update(masked_loss, optimizer)
+
+
+def expert_train_step(params, opt_state, x, y, step):
+    keep_prob = keep_prob_schedule(step)
+    dropped = []
+    # stage i's output: the stem halves the image, every later stage halves it again
+    masks = [sample_mask((x.shape[0], IMAGE[0] // 2 ** (i + 1), IMAGE[1] // 2 ** (i + 1),
+                          STAGES[i]), keep_prob, size, dropped)
+             for i, size in enumerate(DROPBLOCK_SIZES)]
+    params, opt_state, loss = _expert_update(params, opt_state, x, y, masks)
+    return params, opt_state, loss, keep_prob, dropped
+
+
+EXPERT_STEPS = {"train_step": expert_train_step}
 
 
 def run(wrap, steps, log=print, seed=0, timings=None):
@@ -192,9 +230,7 @@ def run(wrap, steps, log=print, seed=0, timings=None):
 
 
 def main(argv=None):
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import _common
-    return _common.cli(run, __doc__, argv)
+    return _common.cli(run, __doc__, argv, experts=EXPERT_STEPS)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ differentiated with `jax.value_and_grad` and applied with optax SGD. Under
     python examples/faster_rcnn.py --steps 20                 # eager JAX
     python examples/faster_rcnn.py --steps 20 --mode jit      # jax.jit(train_step): raises
     python examples/faster_rcnn.py --steps 20 --mode terra    # terra.function(train_step)
+    python examples/faster_rcnn.py --steps 20 --mode expert   # the hand partial-jit version
 """
 
 import os
@@ -32,6 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402  (examples/ is not a package)
 
 BATCH = 2
 IMAGE = 64
@@ -323,18 +327,29 @@ def loss_fn(params, images, rpn_is_pos, rpn_weights, rpn_box_targets,
                    "roi_box": roi_box, "roi_acc": accuracy}
 
 
+def rpn_forward(params, images):
+    return rpn_head(params, backbone(params, images))
+
+
 def train_step(params, opt_state, images, gt_boxes, gt_labels):
     # 1. RPN forward pass; proposals are made on the host from fetched outputs.
-    feats = backbone(params, images)
-    objectness, deltas = rpn_head(params, feats)
-    objectness, deltas = np.asarray(objectness), np.asarray(deltas)
-
+    objectness, deltas = rpn_forward(params, images)
     # 2. Host-side target assignment and sampling (numpy, per image).
+    targets, info = host_targets(np.asarray(objectness), np.asarray(deltas), gt_boxes, gt_labels)
+    # 3. Losses and gradients on the device.
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, images, *targets)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, loss, parts, info
+
+
+def host_targets(objectness, deltas, gt_boxes, gt_labels):
+    """loss_fn's inputs after the images, and the batch's statistics, from the RPN outputs."""
     rpn_is_pos, rpn_weights, rpn_box_targets = [], [], []
     roi_batch, rois, roi_labels, roi_box_targets = [], [], [], []
     info = {"pos_anchors": 0, "proposals": 0, "fg_rois": 0, "recall": 0.0}
     n_gt = 0
-    for i in range(images.shape[0]):
+    for i in range(objectness.shape[0]):
         proposals = propose(objectness[i], deltas[i])
         is_pos, weights, targets, n_pos = rpn_targets(gt_boxes[i])
         boxes, labels, box_targets, n_fg = roi_targets(proposals, gt_boxes[i], gt_labels[i])
@@ -354,15 +369,26 @@ def train_step(params, opt_state, images, gt_boxes, gt_labels):
     info["recall"] /= n_gt
 
     gather_index, gather_weight = roi_align_plan(np.concatenate(roi_batch), np.concatenate(rois))
+    targets = (np.stack(rpn_is_pos), np.stack(rpn_weights), np.stack(rpn_box_targets),
+               gather_index, gather_weight, np.concatenate(roi_labels),
+               np.concatenate(roi_box_targets))
+    return targets, info
 
-    # 3. Losses and gradients on the device.
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, images, np.stack(rpn_is_pos), np.stack(rpn_weights),
-        np.stack(rpn_box_targets), gather_index, gather_weight,
-        np.concatenate(roi_labels), np.concatenate(roi_box_targets))
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+
+# The expert's version: the RPN forward in one jit, the host part as it is, loss +
+# gradient + update in another jit.
+_expert_rpn_forward = jax.jit(rpn_forward)
+_expert_update = _common.jit_update(loss_fn, optimizer, has_aux=True)
+
+
+def expert_train_step(params, opt_state, images, gt_boxes, gt_labels):
+    objectness, deltas = _expert_rpn_forward(params, images)
+    targets, info = host_targets(np.asarray(objectness), np.asarray(deltas), gt_boxes, gt_labels)
+    params, opt_state, (loss, parts) = _expert_update(params, opt_state, images, *targets)
     return params, opt_state, loss, parts, info
+
+
+EXPERT_STEPS = {"train_step": expert_train_step}
 
 
 def run(wrap, steps, log=print, seed=0, timings=None):
@@ -392,9 +418,7 @@ def run(wrap, steps, log=print, seed=0, timings=None):
 
 
 def main(argv=None):
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import _common
-    return _common.cli(run, __doc__, argv)
+    return _common.cli(run, __doc__, argv, experts=EXPERT_STEPS)
 
 
 if __name__ == "__main__":

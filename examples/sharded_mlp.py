@@ -9,6 +9,7 @@ graph; nothing in the step knows about Terra.
     python examples/sharded_mlp.py --parallel model      # weights also sharded over 'model'
     python examples/sharded_mlp.py --processes 2         # 2 processes joined by jax.distributed
     python examples/sharded_mlp.py --steps 50 --mode terra   # one mode only
+    python examples/sharded_mlp.py --steps 50 --mode expert  # what an expert writes: jax.jit
 
 `--devices N` is the number of host CPU devices per process (set through
 XLA_FLAGS before JAX starts: the script re-executes itself with it); with
@@ -29,6 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402  (examples/ is not a package)
 
 BATCH = 64                  # global batch, split over the 'data' axis
 LAYERS = (128, 256, 256, 10)
@@ -105,6 +109,8 @@ def train_step(params, opt_state, x, y):
 
 
 STEP_FUNCTIONS = ("train_step",)  # for `python -m terra bench` (any number of devices)
+# The whole step is pure, so an expert jits all of it.
+EXPERT_STEPS = {"train_step": jax.jit(train_step)}
 
 
 def run(wrap, steps, log=print, seed=0, timings=None, parallel="data"):
@@ -255,7 +261,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--mode", choices=["compare", "eager", "jit", "terra"], default="compare")
+    parser.add_argument("--mode", choices=("compare",) + _common.MODES, default="compare")
     parser.add_argument("--parallel", choices=["data", "model"], default="data")
     parser.add_argument("--devices", type=int, default=None,
                         help="host CPU devices per process (default 8, or 1 with --processes)")
@@ -285,15 +291,7 @@ def main(argv=None):
                     json.dump([result], f, indent=1)
             ok = result["losses_match"] and result["params_match"] and result["shardings_match"]
             return 0 if ok else 1
-        if args.mode == "jit":
-            wrap = jax.jit
-        elif args.mode == "terra":
-            import terra
-            wrap = terra.function
-        else:
-            def wrap(fn):
-                return fn
-        run(wrap, args.steps, parallel=args.parallel)
+        run(_common.mode_wrap(args.mode, EXPERT_STEPS), args.steps, parallel=args.parallel)
         return 0
     finally:
         if args.process_id is not None:

@@ -1,11 +1,14 @@
-"""The benchmark suite: eager vs `jax.jit` vs terra on the example programs.
+"""The benchmark suite: eager vs `jax.jit` vs terra vs an expert's hand partial jit.
 
     python -m terra bench [--quick] [--programs a,b] [--json FILE] [--plot FILE]
 
 Every program in `examples/` that defines `STEP_FUNCTIONS` and
-`run(wrap, steps, log, seed, timings)` is run three ways: eagerly (the
-baseline), with each step function wrapped by `jax.jit` (whole-step staging,
-as AutoGraph does), and with `terra.function`. A mode is *correct* when its
+`run(wrap, steps, log, seed, timings)` is run eagerly (the baseline), with each
+step function wrapped by `jax.jit` (whole-step staging, as AutoGraph does),
+with `terra.function`, and, where the program defines `EXPERT_STEPS` (step
+function name -> the version an expert JAX user writes by hand: its Python,
+numpy and third-party calls as they are, its pure parts in `jax.jit`), with
+each step function replaced by its expert version. A mode is *correct* when its
 printed log and final parameters equal eager's within float tolerance (over
 `CHECK_STEPS` steps; terra also on every timed round); a mode that raises or
 differs *fails*, with the exception and a category.
@@ -54,7 +57,8 @@ RTOL, ATOL = 1e-4, 1e-5   # equal to eager within what XLA fusion explains
 # and 3.8x (sdpoint); printed output is compared as strictly as ever.
 CHECK_STEPS = 12
 LONG_ROUND_SCALE = 10.0
-MODES = ("eager", "jit", "terra")
+MODES = ("eager", "jit", "terra", "expert")
+CHECKED = MODES[1:]   # the modes whose output is compared with eager's
 CATEGORIES = ("third-party call", "data-dependent control flow", "side effect lost or repeated",
               "retracing / shape change", "other")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -148,15 +152,21 @@ class Outcome:
 
 
 class Wrap:
-    """`wrap(fn)` for one mode; the same wrapped function is reused across rounds."""
+    """`wrap(fn)` for one mode; the same wrapped function is reused across rounds.
 
-    def __init__(self, mode: str):
+    `experts` (the program's `EXPERT_STEPS`) gives the expert mode's functions.
+    """
+
+    def __init__(self, mode: str, experts: dict | None = None):
         self.mode = mode
+        self.experts = experts or {}
         self.wrapped: dict = {}
 
     def __call__(self, fn: Callable) -> Callable:
         if self.mode == "eager":
             return fn
+        if self.mode == "expert":
+            return self.experts[fn.__name__]
         if fn not in self.wrapped:
             if self.mode == "jit":
                 self.wrapped[fn] = jax.jit(fn)
@@ -216,13 +226,17 @@ class ProgramResult:
     eager_ms: float | None = None
     jit_ms: float | None = None
     terra_ms: float | None = None
+    expert_ms: float | None = None
     jit_correct: bool = False
     terra_correct: bool = False
+    expert_correct: bool = False
     jit_failure: str = ""
     jit_category: str = ""
     terra_failure: str = ""
+    expert_failure: str = ""              # "no EXPERT_STEPS" where the program has none
     speedup: float | None = None          # eager time / terra time
     terra_vs_jit: float | None = None     # jit time / terra time (1.0 = jit's speed)
+    terra_vs_expert: float | None = None  # expert time / terra time (1.0 = the expert's speed)
     coexecuted_steps: int = 0
     measured_steps: int = 0
     compiles: int = 0
@@ -257,7 +271,8 @@ def _failure(err: BaseException) -> str:
 def bench_program(name: str, path: Path, steps: int, rounds: int, progress) -> ProgramResult:
     module = load(name, path)
     result = ProgramResult(name)
-    wraps = {mode: Wrap(mode) for mode in MODES}
+    experts = getattr(module, "EXPERT_STEPS", None)
+    wraps = {mode: Wrap(mode, experts) for mode in MODES}
 
     # Round 0: correctness against eager, and terra's time to its first co-executed step.
     check_steps = min(steps, CHECK_STEPS)
@@ -284,7 +299,10 @@ def bench_program(name: str, path: Path, steps: int, rounds: int, progress) -> P
         terra_clock["spent"] += time.perf_counter() - terra_clock["since"]
         return out
 
-    for mode in ("jit", "terra"):
+    for mode in CHECKED:
+        if mode == "expert" and experts is None:
+            result.expert_failure = "no EXPERT_STEPS"
+            continue
         progress(name, f"{mode} (correctness)")
         out = (run_terra(check_steps, wait=True) if mode == "terra"
                else run_once(module, wraps[mode], check_steps))
@@ -305,7 +323,7 @@ def bench_program(name: str, path: Path, steps: int, rounds: int, progress) -> P
             result.jit_category = category
 
     # Timed rounds, modes interleaved; a failing mode is not timed.
-    timed = ["eager"] + [m for m in ("jit", "terra") if getattr(result, f"{m}_correct")]
+    timed = ["eager"] + [m for m in CHECKED if getattr(result, f"{m}_correct")]
     if steps > check_steps:   # warm up on all the data a timed round sees
         for mode in timed:
             progress(name, f"{mode} (warm-up)")
@@ -336,6 +354,8 @@ def bench_program(name: str, path: Path, steps: int, rounds: int, progress) -> P
         result.speedup = result.eager_ms / result.terra_ms
         if result.jit_ms:
             result.terra_vs_jit = result.jit_ms / result.terra_ms
+        if result.expert_ms:
+            result.terra_vs_expert = result.expert_ms / result.terra_ms
         delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
         result.fallbacks = int(delta.get("fallbacks", 0))
         result.coexecuted_steps = int(delta.get("coexecuted", 0)) - result.fallbacks
@@ -357,30 +377,44 @@ def format_table(results: list[ProgramResult]) -> str:
     def ms(v):
         return f"{v:8.1f}" if v is not None else "       -"
 
-    head = (f"{'program':18} {'eager ms':>8} {'jit ms':>8} {'terra ms':>8} {'speedup':>7} "
-            f"{'vs jit':>6}  {'jax.jit':32} {'terra':5} {'co-exec':>9} {'1st co-exec':>13} {'bound':6}")
+    def ratio(v):
+        return f"{v:8.2f}x" if v else "        -"
+
+    head = (f"{'program':18} {'eager ms':>8} {'jit ms':>8} {'expert ms':>9} {'terra ms':>8} "
+            f"{'speedup':>7} {'vs expert':>9} {'vs jit':>9}  {'jax.jit':32} {'terra':5} "
+            f"{'expert':6} {'co-exec':>9} {'1st co-exec':>13} {'bound':6}")
     lines = [head, "-" * len(head)]
     for r in results:
         jit = "ok" if r.jit_correct else f"FAIL: {r.jit_category}"
         terra_s = "ok" if r.terra_correct else "FAIL"
+        expert = "ok" if r.expert_correct else ("-" if r.expert_failure == "no EXPERT_STEPS"
+                                                else "FAIL")
         speed = f"{r.speedup:6.2f}x" if r.speedup else "      -"
-        vs_jit = f"{r.terra_vs_jit:5.2f}x" if r.terra_vs_jit else "     -"
         co = f"{r.coexecuted_steps}/{r.measured_steps}"
         first = (f"#{r.first_coexecuted_step} {r.first_coexecuted_s:5.1f}s"
                  if r.first_coexecuted_step else "never")
-        lines.append(f"{r.name:18} {ms(r.eager_ms)} {ms(r.jit_ms)} {ms(r.terra_ms)} {speed} "
-                     f"{vs_jit}  {jit[:32]:32} {terra_s:5} {co:>9} {first:>13} {r.bound:6}")
+        lines.append(f"{r.name:18} {ms(r.eager_ms)} {ms(r.jit_ms)} {ms(r.expert_ms):>9} "
+                     f"{ms(r.terra_ms)} {speed} {ratio(r.terra_vs_expert)} "
+                     f"{ratio(r.terra_vs_jit)}  {jit[:32]:32} {terra_s:5} {expert:6} {co:>9} "
+                     f"{first:>13} {r.bound:6}")
     g = geomean([r.speedup for r in results if r.terra_correct])
     ok = sum(r.terra_correct for r in results)
     jit_ok = sum(r.jit_correct for r in results)
     lines.append("-" * len(head))
-    lines.append(f"terra correct on {ok}/{len(results)}, jax.jit on {jit_ok}/{len(results)}; "
-                 f"geomean speedup of terra over eager: {g:.2f}x" if g else "no terra timings")
+    expert_ok = sum(r.expert_correct for r in results)
+    lines.append(f"terra correct on {ok}/{len(results)}, jax.jit on {jit_ok}/{len(results)}, "
+                 f"expert on {expert_ok}/{len(results)}; geomean speedup of terra over eager: "
+                 f"{g:.2f}x" if g else "no terra timings")
+    vs_expert = geomean([r.terra_vs_expert for r in results if r.terra_correct])
+    if vs_expert:
+        lines.append(f"geomean terra vs expert: {vs_expert:.2f}x (1.0 = the expert's speed)")
     for r in results:
         if not r.jit_correct and r.jit_failure:
             lines.append(f"  jax.jit on {r.name}: [{r.jit_category}] {r.jit_failure}")
         if not r.terra_correct and r.terra_failure:
             lines.append(f"  terra on {r.name}: {r.terra_failure}")
+        if not r.expert_correct and r.expert_failure not in ("", "no EXPERT_STEPS"):
+            lines.append(f"  expert version of {r.name}: {r.expert_failure}")
     return "\n".join(lines)
 
 
@@ -393,12 +427,15 @@ def plot(results: list[ProgramResult], path: str) -> None:
     x = np.arange(len(names))
     terra_s = [r.speedup or 0 for r in results]
     jit_s = [(r.eager_ms / r.jit_ms) if r.jit_correct and r.jit_ms else 0 for r in results]
+    expert_s = [(r.eager_ms / r.expert_ms) if r.expert_correct and r.expert_ms else 0
+                for r in results]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
-    ax.bar(x - 0.2, jit_s, 0.4, label="jax.jit", color="#9aa5b1")
-    ax.bar(x + 0.2, terra_s, 0.4, label="terra", color="#2f7ed8")
+    ax.bar(x - 0.27, jit_s, 0.27, label="jax.jit", color="#9aa5b1")
+    ax.bar(x, expert_s, 0.27, label="expert partial jit", color="#f0a030")
+    ax.bar(x + 0.27, terra_s, 0.27, label="terra", color="#2f7ed8")
     for i, r in enumerate(results):
         if not r.jit_correct:
-            ax.text(i - 0.2, 1.0, "jit\nfails", ha="center", va="bottom", fontsize=7, color="#b00")
+            ax.text(i - 0.27, 1.0, "jit\nfails", ha="center", va="bottom", fontsize=7, color="#b00")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xticks(x, names, rotation=30, ha="right")
@@ -453,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"command": "python -m terra bench " + " ".join(argv or sys.argv[1:]),
                    "machine": machine(), "steps": steps, "rounds": rounds,
                    "geomean_speedup": geomean([r.speedup for r in results if r.terra_correct]),
+                   "geomean_vs_expert": geomean([r.terra_vs_expert for r in results
+                                                 if r.terra_correct]),
                    "programs": [asdict(r) for r in results]}
         Path(args.json).write_text(json.dumps(payload, indent=2))
         print(f"\nwrote {args.json}")

@@ -478,3 +478,16 @@ def load_program(name: str):
     """Import examples/<name>.py afresh (examples/ is not a package)."""
     from terra import bench
     return bench.load(name, bench.EXAMPLES / f"{name}.py")
+
+
+def assert_expert_matches_eager(module, eager_text: str, eager_params, run, steps: int) -> None:
+    """The example's expert version (its `EXPERT_STEPS`, what `terra bench` times Terra
+    against) prints eager's lines and ends with eager's parameters.
+
+    `run(wrap, steps, log)` is the test's way of running the example's loop.
+    """
+    assert set(module.EXPERT_STEPS) == set(module.STEP_FUNCTIONS)
+    lines: list = []
+    params = run(lambda fn: module.EXPERT_STEPS[fn.__name__], steps, lines.append)
+    assert_same_text(eager_text, "\n".join(lines), "the expert version's log")
+    assert_same_tree(eager_params, params, "the expert version's final parameters")

@@ -50,8 +50,36 @@ def test_bench_program_verdicts(tmp_path, feature, capsys):
     assert result.jit_correct is jit_ok, result.jit_failure
     assert result.jit_category == category
     assert result.eager_ms > 0 and result.terra_ms > 0 and result.speedup > 0
+    assert result.expert_failure == "no EXPERT_STEPS" and result.terra_vs_expert is None
     table = bench.format_table([result])
     assert path.stem in table and "terra correct on 1/1" in table
+    assert "expert version of" not in table
+
+
+EXPERTS = {
+    "right": ("jax.jit(train_step)", True),
+    "wrong": ("jax.jit(lambda w, x: train_step(w, 2.0 * x))", False),   # not eager's program
+}
+
+
+@pytest.mark.parametrize("expert", list(EXPERTS))
+def test_bench_checks_and_times_the_expert_version(tmp_path, expert):
+    version, correct = EXPERTS[expert]
+    path = tmp_path / f"prog_expert_{expert}.py"
+    path.write_text(PROGRAM.format(feature="pass")
+                    + f"\nEXPERT_STEPS = {{'train_step': {version}}}\n")
+    result = bench.bench_program(path.stem, path, steps=6, rounds=1, progress=lambda *a: None)
+    assert result.expert_correct is correct, result.expert_failure
+    assert result.terra_correct and result.jit_correct
+    table = bench.format_table([result])
+    assert "vs expert" in table and "vs jit" in table
+    if correct:
+        assert result.expert_ms > 0 and result.terra_vs_expert > 0
+        assert result.terra_vs_jit > 0
+    else:
+        assert result.expert_ms is None and result.terra_vs_expert is None
+        assert result.expert_failure == "printed output differs from eager"
+        assert f"expert version of {path.stem}: printed output differs" in table
 
 
 def test_logs_match_tolerates_only_float_noise():

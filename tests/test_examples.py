@@ -5,7 +5,10 @@
   differential harness (same printed losses, same final parameters, Terra really
   co-executed);
 * the CLI: `python -m terra run --step train_step examples/mlp.py` prints what
-  `python examples/mlp.py --mode eager` prints.
+  `python examples/mlp.py --mode eager` prints;
+* the expert version (`EXPERT_STEPS`, the hand partial jit `terra bench` times
+  Terra against) prints what eager prints and ends with eager's parameters; the
+  other examples' tests (tests/test_programs_*.py, test_sharding.py) check theirs.
 """
 
 import json
@@ -20,10 +23,6 @@ from harness import load_program
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
-
-
-
-
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_example_terra_matches_eager(name):
     example = load_program(name)
@@ -36,6 +35,9 @@ def test_example_terra_matches_eager(name):
     res = harness.differential(program, steps=STEPS, min_coexecuted=1)
     assert "step 10 loss" in res.eager.stdout
     assert res.stats.coexecuted > 0, res.describe()
+    harness.assert_expert_matches_eager(
+        example, res.eager.stdout, res.eager.results,
+        lambda wrap, steps, log: example.train(wrap(example.train_step), steps, log=log), STEPS)
 
 
 # Reports the CLI-wrapped step's stats on stderr at exit, so the test can check

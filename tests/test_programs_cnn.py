@@ -23,7 +23,8 @@ os.environ["TERRA_STRICT"] = "1"
 os.environ.setdefault("TERRA_SYNC_COMPILE", "1")
 
 import harness  # noqa: E402
-from harness import assert_same_text, assert_same_tree, load_program  # noqa: E402
+from harness import (assert_expert_matches_eager, assert_same_text, assert_same_tree,  # noqa: E402
+                     load_program)
 
 STEPS = 10
 
@@ -42,6 +43,8 @@ def differential(name, steps=STEPS):
     assert len(res.functions) == len(module.STEP_FUNCTIONS)
     coexecuted = sum(harness.stats_dict(f)["coexecuted"] for f in res.functions)
     assert coexecuted > 0, res.describe()
+    assert_expert_matches_eager(module, res.eager.stdout, res.eager.results,
+                                lambda wrap, n, log: module.run(wrap, n, log=log, seed=0), steps)
     return module, res
 
 

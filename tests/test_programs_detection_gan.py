@@ -22,7 +22,8 @@ What is hard about them for whole-step staging, inside the step functions:
 
 import pytest
 
-from harness import assert_same_text, assert_same_tree, load_program
+from harness import (assert_expert_matches_eager, assert_same_text, assert_same_tree,
+                     load_program)
 
 
 
@@ -62,6 +63,8 @@ def run_both(name, steps):
     stats = {s.__name__: dict(s.stats().as_dict()) for s in wrapped}
     coexecuted = sum(st["coexecuted"] for st in stats.values())
     assert coexecuted > 0, f"terra never co-executed: {stats}"
+    assert_expert_matches_eager(program, "\n".join(eager_lines), eager_params,
+                                lambda wrap, n, log: program.run(wrap, n, log=log), steps)
     return eager_lines, stats
 
 

@@ -21,7 +21,8 @@ os.environ.setdefault("TERRA_SYNC_COMPILE", "1")
 import jax
 import pytest
 
-from harness import assert_same_text, assert_same_tree, load_program
+from harness import (assert_expert_matches_eager, assert_same_text, assert_same_tree,
+                     load_program)
 
 STEPS = 8
 
@@ -60,6 +61,8 @@ def eager_vs_terra(name, monkeypatch, steps=STEPS):
     assert coexecuted > 0, f"terra never co-executed {name}: {stats}"
     assert sum(s.internal_errors for s in stats) == 0, stats
     print(f"{name}: {[s.as_dict() for s in stats]}")
+    assert_expert_matches_eager(module, eager_text, eager_params,
+                                lambda wrap, n, log: module.run(wrap, n, log=log, seed=0), steps)
     return module, eager_text, stats
 
 

@@ -130,4 +130,6 @@ def test_sharded_example_on_one_device_matches_eager():
 
     res = harness.differential(program, steps=12, min_coexecuted=8)
     assert "step 10 loss" in res.eager.stdout
+    harness.assert_expert_matches_eager(example, res.eager.stdout, res.eager.results,
+                                        lambda wrap, n, log: example.run(wrap, n, log=log), 12)
     assert res.stats.fallbacks == 0 and res.stats.segments_dispatched >= 8, res.describe()
