@@ -34,9 +34,9 @@ from terra.autodiff import (
 from terra.generate import ARG_IN, ENV, LIVE, Program, Segment
 from terra.intercept import (
     GradCall, Placeholder, TerraTrace, VjpCall, aval_of, check_gradient_output, copy_value,
-    current_handler, deferrable, dispatch_context, eager, eval_primitive, frozen_copy,
-    apply_op, has_host_effect, local_value, operand_value, operator_signature, output_avals,
-    placement_of, user_frame, user_location,
+    current_handler, debugging_op_by_op, deferrable, dispatch_context, eager, eval_primitive,
+    frozen_copy, apply_op, has_host_effect, local_value, operand_value, operator_signature,
+    output_avals, placement_of, user_frame, user_location,
 )
 from terra.trace import (
     ARG, DATA, FEED, FEED_REF, NODE, GraphNode, Op, Recording, feed_token, params_equal, placements,
@@ -47,6 +47,10 @@ if TYPE_CHECKING:
     from terra.api import StepFunction
 
 TRACING, COEXEC, FALLBACK, PASSTHROUGH = "tracing", "coexec", "fallback", "passthrough"
+
+# Under jax.debug_nans/debug_infs/disable_jit eager runs (and checks) op by op: so must Terra.
+_CHECKED_EAGERLY = ("a JAX debugging flag is on (debug_nans, debug_infs or disable_jit): "
+                    "ops run eagerly")
 
 _flow_ids = itertools.count(1)  # links a dispatched segment to the fetches it serves (timeline)
 
@@ -166,6 +170,9 @@ class StepRun:
     def _enter_validated(self, trace, child: GraphNode, args):
         """`child` is the op Python applied: check its feeds, then enter it (None: diverged)."""
         op, pos = child.op, child.pos
+        if debugging_op_by_op():
+            self._diverge(_CHECKED_EAGERLY)
+            return None
         if child not in self.program.ready:
             self._diverge(f"{op.prim.name} follows a path the current graph does not cover yet")
             return None
@@ -659,6 +666,8 @@ class StepRun:
         spec = region.spec(outs, cotangents is not None, self.rec.ops)
         ct_inputs = tuple((NODE, c._pos, c._out) for c in cts)
         trace = copies[0]._trace
+        if self.mode == COEXEC and debugging_op_by_op():
+            self._diverge(_CHECKED_EAGERLY)
         if self.mode == COEXEC:
             for child in self.node.children:
                 op = child.op

@@ -1,0 +1,133 @@
+"""Eager's semantics at the edges (issue 19): NumPy's array protocol, JAX's
+debugging flags, deleted and donated arguments, an interrupted fetch, low-precision
+numerics. Every test is differential: the Terra run must be indistinguishable
+from the eager one (harness.differential).
+"""
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import harness
+
+STEPS = 6
+
+
+def _steps(body, steps=STEPS, x=None):
+    """A program calling `body(x, i)` for `steps` steps; each step's result or exception."""
+    def program(wrap):
+        step = wrap(body)
+        outs = []
+        for i in range(steps):
+            try:
+                outs.append(step(jnp.arange(1.0, 5.0) if x is None else x, i))
+            except Exception as err:  # compared as eager's: type and message
+                outs.append(f"{type(err).__module__}.{type(err).__qualname__}: {err}")
+        return outs, None
+    return program
+
+
+# -- 1. NumPy's array protocol -------------------------------------------------
+
+def test_numpy_protocol_of_placeholders_is_the_arrays():
+    def body(x, i):
+        y = x * 2
+        q = np.array(y)          # a copy: writable
+        q[0] += 1
+        views = [np.asarray(y), np.asarray(y, copy=False), np.asarray(y, dtype=np.float32)]
+        copies = [np.asarray(y, copy=True), np.copy(y), np.array(y, dtype=np.float64),
+                  np.asarray(y, dtype=np.int32)]
+        mixed = np.ones(4, np.float32) + y   # NumPy defers to the array's operator
+        return (q, [(v.flags.writeable, v.dtype.name) for v in views + copies],
+                copies, type(mixed) is type(y) or isinstance(mixed, jax.Array), mixed)
+
+    res = harness.differential(_steps(body), steps=None, min_coexecuted=STEPS - 3)
+    assert res.stats.fallbacks == 0, res.describe()
+
+
+# -- 2. JAX's debugging flags ----------------------------------------------------
+
+def _nan_at(i, at):
+    return 10.0 if i == at else 0.0
+
+
+def nan_body(x, i):
+    y = x * 2
+    try:
+        a = jnp.log(y - _nan_at(i, 4))                            # a jnp function (a jit)
+        b = jax.jit(lambda v: jnp.log(v) * 2)(y - _nan_at(i, 5))  # the user's jit
+        c = 1.0 / (y - (2.0 if i == 3 else -1.0))                 # an operator (inf)
+    except FloatingPointError as err:
+        print("caught", type(err).__name__, err)
+        a = b = c = y
+    return a.sum() + b.sum() + c.sum()
+
+
+@pytest.mark.parametrize("flag", ["debug_nans", "debug_infs"])
+def test_debug_nans_context_raises_eagers_floating_point_error(flag):
+    def body(x, i):
+        with getattr(jax, flag)(True):
+            return nan_body(x, i)
+
+    res = harness.differential(_steps(body), steps=None, min_coexecuted=STEPS - 3)
+    assert "caught FloatingPointError invalid value" in res.eager.stdout
+    assert res.functions[0].stats().last_divergence.endswith("ops run eagerly")
+
+
+def test_debug_nans_global_flag_raises_eagers_floating_point_error():
+    def program(wrap):
+        jax.config.update("jax_debug_nans", True)
+        try:
+            return _steps(nan_body)(wrap)
+        finally:
+            jax.config.update("jax_debug_nans", False)
+
+    res = harness.differential(program, steps=None, min_coexecuted=STEPS - 3)
+    assert "caught FloatingPointError" in res.eager.stdout
+
+
+def test_a_nan_in_a_gradient_under_debug_nans_is_eagers():
+    def body(x, i):
+        with jax.debug_nans(True):
+            try:
+                return jax.grad(lambda a: jnp.sum(jnp.sqrt(a * (0.0 if i == 4 else 1.0))))(x)
+            except FloatingPointError as err:
+                print("caught", err)
+                return x
+
+    res = harness.differential(_steps(body), steps=None, min_coexecuted=STEPS - 3)
+    assert "caught" in res.eager.stdout
+
+
+@pytest.mark.parametrize("flag", ["disable_jit", "checking_leaks"])
+def test_debugging_contexts_inside_a_step(flag):
+    def body(x, i):
+        y = jnp.sin(x) * 2
+        with getattr(jax, flag)():
+            z = jax.jit(lambda a: a * 2 + 1)(y)
+            g = jax.grad(lambda a: jnp.sum(a ** 2))(z)
+            print(flag, z.sum())
+        return y + g
+
+    res = harness.differential(_steps(body), steps=None, min_coexecuted=STEPS - 3)
+    assert res.stats.internal_errors == 0
+
+
+def test_debug_print_and_callback_run_in_program_order():
+    def show(v):
+        print("callback", np.asarray(v).tolist())
+
+    inner = jax.jit(lambda a: (jax.debug.print("in jit {}", a.sum()), a + 1)[1])
+
+    def body(x, i):
+        y = x * 2
+        jax.debug.print("step {} {y}", i, y=y)
+        z = inner(y)
+        jax.debug.callback(show, z)
+        print("after", float(z.sum()))
+        return z
+
+    res = harness.differential(_steps(body), steps=None, min_coexecuted=0)
+    assert res.eager.lines[:3] == ["step 0 [2. 4. 6. 8.]", "in jit 20.0", "callback [3.0, 5.0, 7.0, 9.0]"]
