@@ -138,6 +138,7 @@ class StepRun:
         self.name = owner.telemetry_name
         self.step = owner._stats.steps
         self.flows: dict = {}                # id(Segment) -> flow id of its dispatch
+        self.deleted_input = False           # a dispatch failed on a deleted or donated array
 
     # -- the trace calls this for every primitive ----------------------------
     def apply(self, trace: TerraTrace, prim, args, params):
@@ -335,6 +336,12 @@ class StepRun:
             outs = None
         for seg in self.program.dispatch_at.get(child, ()):
             self._dispatch(seg)
+        if self.deleted_input:  # the user's error, not Terra's: eager's op raises it
+            self.deleted_input = False
+            self._diverge("a step argument was deleted or donated")
+            if not op.host_effect:  # (a host op ran already, and read no deleted value)
+                self._leave(child)
+                return None
         region = self._differentiated_region(args)
         if outs is None:
             phs = [Placeholder(trace, aval, self, pos, o, None, region)
@@ -343,6 +350,13 @@ class StepRun:
             phs = [Placeholder(trace, aval, self, pos, o, v, region)
                    for o, (aval, v) in enumerate(zip(op.out_avals, outs))]
         return phs if op.multiple_results else phs[0]
+
+    def _leave(self, child: GraphNode) -> None:
+        """Undo entering `child`: Python's op runs eagerly in its place."""
+        self.nodes.pop()
+        self.rec.ops.pop()
+        self.rec.feeds.pop(child.pos, None)
+        self.node = child.parent
 
     def _differentiated_region(self, args) -> Region | None:
         """The open region if any input is being differentiated (outputs are too)."""
@@ -407,7 +421,11 @@ class StepRun:
                     vals.append(_device_value(feeds[a][_slot_index(self, a, b)]))
                 else:
                     vals.append(seg.constants[i])
-            outs = executable(*vals)
+            try:
+                outs = executable(*vals)
+            except Exception:
+                self.deleted_input = any(_deleted(v) for v in vals)
+                raise
             for key, v in zip(seg.outputs, outs):
                 env[key] = v
             if telemetry is not None:
@@ -674,9 +692,12 @@ class StepRun:
                 if (op.prim is GRAD and op.params["spec"] == spec
                         and op.inputs[:len(cts)] == ct_inputs):
                     if child in self.program.ready:
-                        return self._enter_node(trace, child, ())
+                        outs = self._enter_node(trace, child, ())
+                        if outs is not None:
+                            return outs
                     break
-            self._diverge("the differentiated function took a new path")
+            if self.mode == COEXEC:
+                self._diverge("the differentiated function took a new path")
         inputs = [*ct_inputs, *((NODE, p, o) for p, o in region.diff), *external_inputs(spec)]
         vals = ([local_value(c.value()) for c in cts]
                 + [local_value(self._region_input(region, inp)) for inp in inputs[len(cts):]])
@@ -963,6 +984,11 @@ class Pullback:
         diff_vals = [local_value(run._region_input(region, (NODE, *key))) for key in region.diff]
         _, pullback = self._call.original(region_function, *diff_vals)
         return tuple(jax.tree.unflatten(self._primal_tree, pullback(cotangent)))
+
+
+def _deleted(x: Any) -> bool:
+    """A deleted or donated array (a remote value is the executor's to check)."""
+    return isinstance(x, jax.Array) and x.is_deleted()
 
 
 def _inexact(x: Any) -> bool:

@@ -131,3 +131,36 @@ def test_debug_print_and_callback_run_in_program_order():
 
     res = harness.differential(_steps(body), steps=None, min_coexecuted=0)
     assert res.eager.lines[:3] == ["step 0 [2. 4. 6. 8.]", "in jit 20.0", "callback [3.0, 5.0, 7.0, 9.0]"]
+
+
+# -- 3. deleted and donated arguments -------------------------------------------
+
+@pytest.mark.parametrize("how", ["deleted", "donated"])
+def test_a_deleted_or_donated_argument_raises_eagers_error(how):
+    donate = jax.jit(lambda a: a + 1, donate_argnums=0)
+
+    def body(w, x):
+        print("before")
+        y = x * 2
+        print("fetched", float(y.sum()))
+        return jnp.tanh(w) + y       # eager raises here
+
+    def program(wrap):
+        step = wrap(body)
+        outs = []
+        for i in range(STEPS):
+            w = jnp.ones(4) * i
+            if i == STEPS - 2:
+                if how == "deleted":
+                    w.delete()
+                else:
+                    donate(w)
+            try:
+                outs.append(step(w, jnp.arange(4.0)))
+            except Exception as err:
+                outs.append(f"{type(err).__qualname__}: {err}")
+        return outs, None
+
+    res = harness.differential(program, steps=None, min_coexecuted=STEPS - 3)
+    assert "deleted" in str(res.eager.results[-2])
+    assert res.stats.internal_errors == 0
