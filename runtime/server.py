@@ -41,6 +41,7 @@ from grpc_reflection.v1alpha import reflection
 
 from runtime._proto import executor_pb2 as pb
 from runtime._proto import executor_pb2_grpc as pb_grpc
+from runtime.executor import EAGER_ROUNDING
 from runtime.tensors import MalformedTensor, from_tensor, to_tensor
 
 log = logging.getLogger("terra.serve")
@@ -84,7 +85,7 @@ class Executable:
         self.out_avals = exported.out_avals
         specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type)
                  for a in exported.in_avals]
-        self.run = jax.jit(exported.call).lower(*specs).compile()
+        self.run = jax.jit(exported.call).lower(*specs).compile(compiler_options=EAGER_ROUNDING)
 
 
 class ClientSession:

@@ -164,3 +164,51 @@ def test_a_deleted_or_donated_argument_raises_eagers_error(how):
     res = harness.differential(program, steps=None, min_coexecuted=STEPS - 3)
     assert "deleted" in str(res.eager.results[-2])
     assert res.stats.internal_errors == 0
+
+
+# -- 5. low-precision intermediates ----------------------------------------------
+
+@pytest.mark.parametrize("low", [jnp.bfloat16, jnp.float16])
+def test_low_precision_intermediates_round_as_in_eager(low):
+    """Fused, XLA would keep the bf16/f16 product in f32 (jax.jit does): Terra rounds."""
+    def body(m, b):
+        h = (m.astype(low) @ b.astype(low)).astype(jnp.float32)
+        return m + 0.01 * jnp.tanh(h + m * 0.5), h
+
+    def program(wrap, steps):
+        step = wrap(body)
+        m = jax.random.normal(jax.random.key(0), (32, 32))
+        b = jax.random.normal(jax.random.key(1), (32, 32)) * 0.1
+        hs = []
+        for _ in range(steps):
+            m, h = step(m, b)
+            hs.append(h)
+        return m, hs
+
+    res = harness.differential(program, steps=5, jit_reference=False)  # the float32 bound
+    if low is not jnp.bfloat16:
+        return  # XLA:CPU keeps f16 products rounded even when allowed not to
+    jitted = harness.run_program(program, "jit", 5)
+    assert not np.array_equal(np.asarray(jitted.results[0]), np.asarray(res.eager.results[0])), \
+        "jax.jit keeps the excess precision: the test would not tell"
+
+
+# -- 6. the numerics contract (harness.assert_close_to_eager, docs/numerics.md) -----
+
+def test_numerics_contract_per_dtype_bound():
+    e = np.linspace(-1, 1, 64, dtype=np.float32)
+    harness.assert_close_to_eager(e * (1 + 5e-5), e, "f32")            # within 1e-4
+    with pytest.raises(AssertionError):
+        harness.assert_close_to_eager(e * (1 + 5e-4), e, "f32")
+    b = e.astype(jnp.bfloat16)
+    harness.assert_close_to_eager((e * (1 + 2e-2)).astype(jnp.bfloat16), b, "bf16")  # ~2 ulps
+    with pytest.raises(AssertionError):
+        harness.assert_close_to_eager((e * 1.1).astype(jnp.bfloat16), b, "bf16")
+
+
+def test_numerics_contract_no_further_than_jit():
+    e = np.linspace(-1, 1, 64, dtype=np.float32)
+    jit = e + 1e-3
+    harness.assert_close_to_eager(e - 1.5e-3, e, "near jit", reference=jit)
+    with pytest.raises(AssertionError, match="jit - eager"):
+        harness.assert_close_to_eager(e - 5e-3, e, "beyond jit", reference=jit)
