@@ -212,3 +212,47 @@ def test_numerics_contract_no_further_than_jit():
     harness.assert_close_to_eager(e - 1.5e-3, e, "near jit", reference=jit)
     with pytest.raises(AssertionError, match="jit - eager"):
         harness.assert_close_to_eager(e - 5e-3, e, "beyond jit", reference=jit)
+
+
+# -- 4. Ctrl-C while Python waits for the graph --------------------------------------
+
+def test_ctrl_c_during_a_fetch_raises_and_the_next_steps_are_eagers():
+    """SIGINT arrives while Python waits for a long segment: KeyboardInterrupt reaches
+    Python (XLA cannot cancel the running executable, docs/semantics.md), and the
+    steps after it co-execute with eager's results."""
+    import os
+    import signal
+    import threading
+
+    import terra
+
+    @jax.jit
+    def heavy(a):
+        return jax.lax.fori_loop(0, 500, lambda k, c: jnp.tanh(c @ c * 0.01), a)
+
+    def body(x, n):
+        y = heavy(x) if n else x * 2      # the long path: one big segment, then a fetch
+        return float(y.sum())
+
+    step = terra.function(body)
+    xs = [jnp.full((256, 256), 0.1 * i) for i in range(STEPS)]
+    expected = [body(x, 0) for x in xs]
+    for n in (1, 1, 1):
+        step(xs[0], n)
+    got = [step(x, 0) for x in xs[:2]]
+
+    waits = step.stats().fetch_waits
+
+    def interrupt():  # once Python waits for the graph
+        for _ in range(6000):
+            if step.stats().fetch_waits > waits:
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            threading.Event().wait(0.005)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        step(xs[2], 1)
+    got += [step(x, 0) for x in xs[2:]]
+    assert got == expected
+    assert step.stats().coexecuted >= STEPS, step.stats()
