@@ -1,8 +1,8 @@
 """Compiled executables on disk, so a restarted job skips XLA compiles.
 
-`ExecutableStore.compile(lowered)` is `lowered.compile()` backed by a
-directory: the key is a hash of the lowered module's text (which names its
-shapes, shardings and computation) plus the JAX version and the devices, the
+`ExecutableStore.compile(lowered, options)` is `lowered.compile(compiler_options=options)`
+backed by a directory: the key is a hash of the lowered module's text (which names its
+shapes, shardings and computation) plus the options, the JAX version and the devices, the
 value the executable serialized by `jax.experimental.serialize_executable`.
 A file that cannot be read is recompiled and overwritten; an executable that
 cannot be serialized (one with closed-over constants) is compiled every time.
@@ -33,14 +33,16 @@ class ExecutableStore:
         self.unsaved = 0     # compiled but not serializable
         self._lock = threading.Lock()
 
-    def compile(self, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
-        path = self.directory / f"{self._key(lowered)}.xla"
+    def compile(self, lowered: jax.stages.Lowered,
+                options: dict | None = None) -> jax.stages.Compiled:
+        """`lowered.compile(compiler_options=options)`, loaded from the directory if there."""
+        path = self.directory / f"{self._key(lowered, options)}.xla"
         compiled = self._load(path)
         if compiled is not None:
             with self._lock:
                 self.loaded += 1
             return compiled
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=options)
         saved = self._save(path, compiled)
         with self._lock:
             self.compiled += 1
@@ -48,10 +50,12 @@ class ExecutableStore:
         return compiled
 
     @staticmethod
-    def _key(lowered: jax.stages.Lowered) -> str:
+    def _key(lowered: jax.stages.Lowered, options: dict | None) -> str:
         devices = [(d.platform, d.device_kind, d.id) for d in jax.devices()]
         text = lowered.as_text()
-        return hashlib.sha256(repr((jax.__version__, devices, text)).encode()).hexdigest()[:32]
+        settings = sorted((options or {}).items())
+        return hashlib.sha256(repr((jax.__version__, devices, text, settings)).encode()
+                              ).hexdigest()[:32]
 
     @staticmethod
     def _load(path: Path) -> jax.stages.Compiled | None:

@@ -33,6 +33,11 @@ from runtime.executable_cache import executable_store
 
 _TIMEOUT_POLL_S = 0.1  # how often a waiting Python thread checks for Ctrl-C
 
+# Eager rounds every op's output to its dtype; a fused XLA computation may keep
+# bf16/f16 intermediates in f32 ("excess precision"), so a segment would not
+# compute eager's values. Segments are compiled without it (docs/numerics.md).
+EAGER_ROUNDING = {"xla_allow_excess_precision": False}
+
 
 class Executor(Protocol):
     """What co-execution needs from an executor (GraphExecutor, client.RemoteExecutor)."""
@@ -78,7 +83,9 @@ class GraphExecutor:
         """
         shardings = {} if out_shardings is None else {"out_shardings": out_shardings}
         lowered = jax.jit(fn, keep_unused=True, **shardings).lower(*specs)
-        return lowered.compile() if self._store is None else self._store.compile(lowered)
+        if self._store is None:
+            return lowered.compile(compiler_options=EAGER_ROUNDING)
+        return self._store.compile(lowered, EAGER_ROUNDING)
 
     def shutdown(self) -> None:
         with self._lock:

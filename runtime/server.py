@@ -52,6 +52,7 @@ from grpc_reflection.v1alpha import reflection
 from runtime._proto import executor_pb2 as pb
 from runtime._proto import executor_pb2_grpc as pb_grpc
 from runtime.module_check import ModuleCheck
+from runtime.executor import EAGER_ROUNDING
 from runtime.tensors import MalformedTensor, from_tensor, to_tensor
 
 log = logging.getLogger("terra.serve")
@@ -141,7 +142,7 @@ class Executable:
         specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type)
                  for a in exported.in_avals]
         try:
-            return jax.jit(flat_call).lower(*specs).compile()
+            return jax.jit(flat_call).lower(*specs).compile(compiler_options=EAGER_ROUNDING)
         except Exception as err:  # a corrupted module: the sender's error, not ours
             raise _bad_export("it does not compile", err) from err
 

@@ -34,9 +34,9 @@ from terra.autodiff import (
 from terra.generate import ARG_IN, ENV, LIVE, Program, Segment
 from terra.intercept import (
     GradCall, Placeholder, TerraTrace, VjpCall, aval_of, check_gradient_output, copy_value,
-    current_handler, deferrable, dispatch_context, eager, eval_primitive, frozen_copy,
-    apply_op, has_host_effect, local_value, operand_value, operator_signature, output_avals,
-    placement_of, user_frame, user_location,
+    current_handler, debugging_op_by_op, deferrable, dispatch_context, eager, eval_primitive,
+    frozen_copy, apply_op, has_host_effect, local_value, operand_value, operator_signature,
+    output_avals, placement_of, user_frame, user_location,
 )
 from terra.trace import (
     ARG, DATA, FEED, FEED_REF, NODE, GraphNode, Op, Recording, feed_token, params_equal, placements,
@@ -47,6 +47,10 @@ if TYPE_CHECKING:
     from terra.api import StepFunction
 
 TRACING, COEXEC, FALLBACK, PASSTHROUGH = "tracing", "coexec", "fallback", "passthrough"
+
+# Under jax.debug_nans/debug_infs/disable_jit eager runs (and checks) op by op: so must Terra.
+_CHECKED_EAGERLY = ("a JAX debugging flag is on (debug_nans, debug_infs or disable_jit): "
+                    "ops run eagerly")
 
 _flow_ids = itertools.count(1)  # links a dispatched segment to the fetches it serves (timeline)
 
@@ -134,6 +138,7 @@ class StepRun:
         self.name = owner.telemetry_name
         self.step = owner._stats.steps
         self.flows: dict = {}                # id(Segment) -> flow id of its dispatch
+        self.deleted_input = False           # a dispatch failed on a deleted or donated array
 
     # -- the trace calls this for every primitive ----------------------------
     def apply(self, trace: TerraTrace, prim, args, params):
@@ -166,6 +171,9 @@ class StepRun:
     def _enter_validated(self, trace, child: GraphNode, args):
         """`child` is the op Python applied: check its feeds, then enter it (None: diverged)."""
         op, pos = child.op, child.pos
+        if debugging_op_by_op():
+            self._diverge(_CHECKED_EAGERLY)
+            return None
         if child not in self.program.ready:
             self._diverge(f"{op.prim.name} follows a path the current graph does not cover yet")
             return None
@@ -328,6 +336,12 @@ class StepRun:
             outs = None
         for seg in self.program.dispatch_at.get(child, ()):
             self._dispatch(seg)
+        if self.deleted_input:  # the user's error, not Terra's: eager's op raises it
+            self.deleted_input = False
+            self._diverge("a step argument was deleted or donated")
+            if not op.host_effect:  # (a host op ran already, and read no deleted value)
+                self._leave(child)
+                return None
         region = self._differentiated_region(args)
         if outs is None:
             phs = [Placeholder(trace, aval, self, pos, o, None, region)
@@ -336,6 +350,13 @@ class StepRun:
             phs = [Placeholder(trace, aval, self, pos, o, v, region)
                    for o, (aval, v) in enumerate(zip(op.out_avals, outs))]
         return phs if op.multiple_results else phs[0]
+
+    def _leave(self, child: GraphNode) -> None:
+        """Undo entering `child`: Python's op runs eagerly in its place."""
+        self.nodes.pop()
+        self.rec.ops.pop()
+        self.rec.feeds.pop(child.pos, None)
+        self.node = child.parent
 
     def _differentiated_region(self, args) -> Region | None:
         """The open region if any input is being differentiated (outputs are too)."""
@@ -400,7 +421,11 @@ class StepRun:
                     vals.append(_device_value(feeds[a][_slot_index(self, a, b)]))
                 else:
                     vals.append(seg.constants[i])
-            outs = executable(*vals)
+            try:
+                outs = executable(*vals)
+            except Exception:
+                self.deleted_input = any(_deleted(v) for v in vals)
+                raise
             for key, v in zip(seg.outputs, outs):
                 env[key] = v
             if telemetry is not None:
@@ -659,15 +684,20 @@ class StepRun:
         spec = region.spec(outs, cotangents is not None, self.rec.ops)
         ct_inputs = tuple((NODE, c._pos, c._out) for c in cts)
         trace = copies[0]._trace
+        if self.mode == COEXEC and debugging_op_by_op():
+            self._diverge(_CHECKED_EAGERLY)
         if self.mode == COEXEC:
             for child in self.node.children:
                 op = child.op
                 if (op.prim is GRAD and op.params["spec"] == spec
                         and op.inputs[:len(cts)] == ct_inputs):
                     if child in self.program.ready:
-                        return self._enter_node(trace, child, ())
+                        outs = self._enter_node(trace, child, ())
+                        if outs is not None:
+                            return outs
                     break
-            self._diverge("the differentiated function took a new path")
+            if self.mode == COEXEC:
+                self._diverge("the differentiated function took a new path")
         inputs = [*ct_inputs, *((NODE, p, o) for p, o in region.diff), *external_inputs(spec)]
         vals = ([local_value(c.value()) for c in cts]
                 + [local_value(self._region_input(region, inp)) for inp in inputs[len(cts):]])
@@ -954,6 +984,11 @@ class Pullback:
         diff_vals = [local_value(run._region_input(region, (NODE, *key))) for key in region.diff]
         _, pullback = self._call.original(region_function, *diff_vals)
         return tuple(jax.tree.unflatten(self._primal_tree, pullback(cotangent)))
+
+
+def _deleted(x: Any) -> bool:
+    """A deleted or donated array (a remote value is the executor's to check)."""
+    return isinstance(x, jax.Array) and x.is_deleted()
 
 
 def _inexact(x: Any) -> bool:

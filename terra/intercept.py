@@ -167,10 +167,14 @@ class Placeholder(core.Tracer):
     # -- conversions Python uses on a value (each one is a fetch) ------------
     # A value being differentiated behaves as eager's GradTracer does: bool,
     # int and index see its primal value; float, numpy and friends raise.
-    def __array__(self, dtype=None, copy=None):
+    # NumPy's protocol is the array's own: `np.array` copies (writable), `np.asarray` views.
+    def __array__(self, dtype=None, context=None, copy=None):
         if self._differentiated():
             return core.Tracer.__array__(self)
-        return np.asarray(self.fetch(), dtype=dtype)
+        return self.fetch().__array__(dtype=dtype, copy=copy)
+
+    # A jax.Array's (a Tracer's is 1000): NumPy's binary operators defer to it as to eager's.
+    __array_priority__ = array.ArrayImpl.__array_priority__
 
     def __bool__(self):
         return bool(self.fetch())
@@ -267,7 +271,8 @@ def _operator(name: str) -> Callable:
     jax_operator = getattr(core.Tracer, name)
 
     def operator(self, *operands):
-        if core.trace_ctx.trace is not self._trace:  # after its step, or on another thread
+        # After its step, on another thread, or debugging op by op (jnp's path checks each op).
+        if core.trace_ctx.trace is not self._trace or debugging_op_by_op():
             return jax_operator(self, *operands)
         run, values = self._run, (self, *operands)
         out = run.replay_operator(name, values)
@@ -421,7 +426,13 @@ def _run_python_pjit_fast(p, args_flat, fun, args, kwargs):
     trace = core.trace_ctx.trace
     if type(trace) is not TerraTrace or p.params["jaxpr"].jaxpr.is_high:
         return _slow_run_python_pjit(p, args_flat, fun, args, kwargs)
-    out_flat = _bind_jit(trace, args_flat, p.params)
+    try:
+        out_flat = _bind_jit(trace, args_flat, p.params)
+    except api_util.InternalFloatingPointError as e:  # debug_nans/infs: what eager's jit raises
+        if getattr(fun, "_apply_primitive", False):
+            raise FloatingPointError(f"invalid value ({e.ty}) encountered in {fun.__qualname__}") \
+                from None
+        api_util.maybe_recursive_nan_check(e, fun, args, kwargs)  # reruns `fun` op by op: raises
     return (pjit.tree_unflatten(p.out_tree, out_flat), out_flat, p.out_tree, args_flat,
             p.params["jaxpr"], None, None, [])
 
@@ -486,7 +497,7 @@ def _concrete_args(args) -> bool:
     for x in args:
         if isinstance(x, core.Tracer):
             return False
-    return not config.debug_key_reuse.value
+    return not (config.debug_key_reuse.value or debugging_op_by_op())
 
 
 def _jit_callable(params: dict) -> Callable | None:
@@ -829,10 +840,16 @@ _PLACEMENT_PRIMITIVES = frozenset({"device_put", "sharding_constraint", "mesh_ca
                                    "reshard", "shard_map"})
 
 
+def debugging_op_by_op() -> bool:
+    """Whether a JAX debugging flag makes eager run op by op: `debug_nans`/`debug_infs`
+    check each op's output as it runs, `disable_jit` runs jitted functions' Python."""
+    return config.debug_nans.value or config.debug_infs.value or config.disable_jit.value
+
+
 def deferrable(prim: Primitive, params: dict) -> bool:
     """Whether the op may run later: no host effect, outputs placed like eager's
     (uncommitted, given uncommitted inputs), no NaN/Inf check that raises at the op."""
-    if config.debug_nans.value or config.debug_infs.value:
+    if debugging_op_by_op():
         return False
     if prim is pjit.jit_p:
         jaxpr = params["jaxpr"]

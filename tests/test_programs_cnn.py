@@ -49,8 +49,13 @@ def differential(name, steps=STEPS):
 
 
 def test_resnet_terra_matches_eager():
-    _, res = differential("resnet")
-    assert "step 10 loss" in res.eager.stdout
+    # Every step from eager's state, compared under the numerics contract (a whole
+    # trajectory amplifies last-bit drift through relu kinks: docs/numerics.md).
+    module = load_program("resnet")
+    program = harness.stepwise(module.train_step, module.init_state(0), module.make_dataset(0),
+                               STEPS)
+    res = harness.differential(program, steps=STEPS, min_coexecuted=STEPS - 3)
+    assert res.eager.lines[-1].startswith(f"step {STEPS - 1} ")
     assert res.stats.fallbacks == 0, res.describe()
 
 
