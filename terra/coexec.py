@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from runtime.executor import RemoteValue, TerraExecutorError, wait
-from terra.telemetry import events
+from terra.telemetry import divergence, events
 from terra.autodiff import (
     GRAD, GradSpec, external_inputs, replay, run_gradient,
 )
@@ -157,7 +157,7 @@ class StepRun:
             if op.prim is prim and self._inputs_match(op, args) and params_equal(op.params, params):
                 break
         else:
-            self._diverge(f"expected {self._expected()}, got {prim.name}")
+            self._diverge(*self._mismatch(prim, args, params))
             return None
         if self.graph.loaded:
             self.graph.met_live_op(child, params)
@@ -167,7 +167,9 @@ class StepRun:
         """`child` is the op Python applied: check its feeds, then enter it (None: diverged)."""
         op, pos = child.op, child.pos
         if child not in self.program.ready:
-            self._diverge(f"{op.prim.name} follows a path the current graph does not cover yet")
+            self._diverge(f"{divergence.call_name(op.label)} follows a path the graph learned but "
+                          "is still compiling: this step finishes eagerly",
+                          divergence.UNCOVERED, op.label)
             return None
         if op.feed_slots:
             # The program was built with these values: check Python's match.
@@ -175,7 +177,9 @@ class StepRun:
             for k, token in predicted:
                 if not tokens_equal(token, feed_token(args[k])):
                     self.graph.mark_varying(child, k)
-                    self._diverge(f"a feed to {op.prim.name} changed value (now fed live)")
+                    self._diverge(f"a Python value passed to {divergence.call_name(op.label)} "
+                                  f"(argument {k + 1}) changed: it was the same in every step "
+                                  "so far and is fed live from now on", divergence.FEED, op.label)
                     return None
             self.rec.feeds[pos] = tuple(frozen_copy(args[k]) for k in op.feed_slots)
             self.stats.feeds += len(op.feed_slots)
@@ -366,9 +370,27 @@ class StepRun:
                     return False
         return True
 
-    def _expected(self) -> str:
-        names = [c.op.prim.name for c in self.node.children]
-        return " or ".join(names) if names else "the step to end"
+    def _mismatch(self, prim, args, params) -> divergence.Divergence:
+        """What differs between the op Python applied and the ops the graph expected."""
+        expected = [divergence.Expected(c.op.label, [self._recorded_aval(i) for i in c.op.inputs],
+                                        c.op.params, c.op.where,
+                                        [i[:2] if i[0] != FEED else (FEED,) for i in c.op.inputs])
+                    for c in self.node.children]
+        label = f"{prim.name}:{params['name']}" if isinstance(params.get("name"), str) else prim.name
+        return divergence.op_mismatch(expected, label, [aval_of(x) for x in args], params,
+                                      [self._origin(x) for x in args], params_equal)
+
+    def _recorded_aval(self, inp: tuple) -> Any:
+        kind, a, b = inp
+        if kind == NODE:
+            return self.nodes[a].op.out_avals[b] if a < len(self.nodes) else None
+        return b if kind == ARG else a
+
+    def _origin(self, x) -> tuple:
+        if type(x) is Placeholder and x._run is self:
+            return (NODE, x._pos)
+        i = self.arg_ids.get(id(x))
+        return (ARG, i) if i is not None and self.args[i] is x else (FEED,)
 
     def _run_host_op(self, pos: int, op: Op, args) -> list:
         """Ops with host effects (prints, callbacks) run now, in Python's order."""
@@ -413,7 +435,7 @@ class StepRun:
             self.futures[id(seg)] = self.owner._executor.dispatch(job)
         self.stats.segments_dispatched += 1
 
-    def _diverge(self, reason: str) -> None:
+    def _diverge(self, reason: str, cause: str, key: str) -> None:
         where = user_location()
         self.stats.divergences += 1
         self.stats.fallbacks += 1
@@ -421,7 +443,7 @@ class StepRun:
         self.mode = FALLBACK
         if self.telemetry is not None:
             self.telemetry.instant(events.DIVERGENCE, self.name, self.step,
-                                   {"reason": reason, "where": where})
+                                   {"reason": reason, "where": where, "cause": cause, "key": key})
 
     # -- TRACING / FALLBACK ----------------------------------------------------
     def _apply_eager(self, trace, prim, args, params):
@@ -667,7 +689,8 @@ class StepRun:
                     if child in self.program.ready:
                         return self._enter_node(trace, child, ())
                     break
-            self._diverge("the differentiated function took a new path")
+            self._diverge("the function differentiated here took a path its recorded gradient "
+                          "does not cover", divergence.GRADIENT, "gradient")
         inputs = [*ct_inputs, *((NODE, p, o) for p, o in region.diff), *external_inputs(spec)]
         vals = ([local_value(c.value()) for c in cts]
                 + [local_value(self._region_input(region, inp)) for inp in inputs[len(cts):]])
@@ -855,8 +878,6 @@ class StepRun:
         elif self.mode in (TRACING, FALLBACK):
             if self.mode == TRACING:
                 self.stats.traced += 1
-            else:
-                self.stats.coexecuted += 1
             self.rec.returned = returned
             self.graph.merge(self.rec)
         self._release()
@@ -865,7 +886,7 @@ class StepRun:
     def abort(self) -> None:
         """The step raised: nothing is learned; held placeholders stay resolvable."""
         self.active = False
-        if self.mode in (COEXEC, FALLBACK):
+        if self.mode == COEXEC:
             self.stats.coexecuted += 1
         elif self.mode == TRACING:
             self.stats.traced += 1

@@ -39,6 +39,7 @@ def _line_of(text: str) -> str:
 
 
 BRANCH = _line_of("if loss > threshold:")
+IF_BRANCH = _line_of("updates, opt_state = opt.update(grads, opt_state, params)")
 ELSE_BRANCH = _line_of("grads = jax.tree.map(lambda g: 0.1 * g, grads)")  # new path: divergence
 
 
@@ -133,7 +134,8 @@ def test_timeline_json_of_a_real_program(tmp_path):
     assert any(e["args"]["wait_us"] > 0 for e in fetches)
     diverged = by_cat[("i", "divergence")]
     assert diverged and diverged[0]["args"]["where"] == ELSE_BRANCH
-    assert "expected" in diverged[0]["args"]["reason"]
+    assert diverged[0]["args"]["cause"] == "branch"
+    assert "the step took a path not seen before" in diverged[0]["args"]["reason"]
 
     # Flows link fetches to the segment that computed the value.
     starts = {e["id"]: e for e in trace if e["ph"] == "s"}
@@ -160,8 +162,12 @@ def test_explain_names_sync_points_and_divergences():
     assert BRANCH in text and "`if loss > threshold:`" in text
     assert f"{STEPS} fetches in {STEPS} steps" in text
     assert "divergences" in text
-    div_line = next(line for line in text.splitlines() if ELSE_BRANCH in line)
-    assert "`grads = jax.tree.map(lambda g: 0.1 * g, grads)`: expected" in div_line
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if ELSE_BRANCH in line)
+    assert "`grads = jax.tree.map(lambda g: 0.1 * g, grads)`" in lines[at]
+    # The user's call, and what the graph expected there, at the line that recorded it.
+    assert "Python called `multiply` (jit) where the graph expected" in lines[at + 1]
+    assert f"(recorded at {IF_BRANCH})" in lines[at + 1], lines[at + 1]
     assert "advice:" in text and "jnp.where" in text
     assert "compiles:" in text and "graph:" in text
 
@@ -311,7 +317,7 @@ def test_ring_buffer_bounds_memory_and_counts_drops():
         rec.instant(events.DIVERGENCE, "f", i, {"where": "x.py:1", "reason": "r"})
     assert len(rec._buffer) == 100 and rec.dropped == 900
     rec.close()
-    assert sum(sink.aggregate("f").divergences.values()) == 100
+    assert sum(site.count for site in sink.aggregate("f").divergences.values()) == 100
 
 
 def test_off_collects_nothing():
@@ -319,3 +325,63 @@ def test_off_collects_nothing():
     step = terra.function(fn)
     run_loop(step, params0, opt_state0, steps=4)
     assert events.recorder is None and telemetry.report(step.telemetry_name) == ""
+
+
+_WATCHED = '''
+import os, sys, time
+import jax.numpy as jnp
+import terra
+
+@terra.function
+def train_step(w, x):
+    return w - 0.1 * jnp.mean(w * x)
+
+w, x = jnp.ones(3), jnp.arange(3.0)
+deadline = time.monotonic() + 60
+while not os.path.exists(sys.argv[1]) and time.monotonic() < deadline:  # until watched
+    w = train_step(w, x)
+    time.sleep(0.01)
+print("program done", flush=True)
+'''
+
+
+def _lines(pipe, into: list, seen: threading.Event, marker: str) -> threading.Thread:
+    def read():
+        for line in pipe:
+            into.append(line)
+            if marker in line:
+                seen.set()
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return t
+
+
+def test_watch_and_program_both_end_when_the_program_ends(tmp_path):
+    script, sentinel = tmp_path / "watched.py", tmp_path / "watched-now"
+    script.write_text(_WATCHED)
+    env = {**os.environ, "PYTHONPATH": ROOT, "TERRA_TELEMETRY": "127.0.0.1:0"}
+    program = subprocess.Popen([sys.executable, str(script), str(sentinel)], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    watcher = None
+    try:
+        err_lines, serving = [], threading.Event()
+        _lines(program.stderr, err_lines, serving, "telemetry stream on")
+        assert serving.wait(60), "".join(err_lines)
+        address = next(l for l in err_lines if "telemetry stream on" in l).split()[4]
+        watcher = subprocess.Popen([sys.executable, "-m", "terra", "watch", address,
+                                    "--interval", "0.2"], env=env, text=True, cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out_lines, shows_steps = [], threading.Event()
+        reader = _lines(watcher.stdout, out_lines, shows_steps, "train_step ")
+        assert shows_steps.wait(60), "".join(out_lines)
+        sentinel.touch()                                  # the program finishes now
+        out, _ = program.communicate(timeout=30)          # ... and is not kept alive
+        assert program.returncode == 0 and out.strip().endswith("program done")
+        assert watcher.wait(timeout=30) == 0              # the watch ends with it
+        reader.join(timeout=5)
+        assert "(the program's stream ended)" in "".join(out_lines)
+    finally:
+        for proc in (program, watcher):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
