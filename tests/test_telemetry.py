@@ -385,3 +385,52 @@ def test_watch_and_program_both_end_when_the_program_ends(tmp_path):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+TABLE = jnp.ones((50, 8))
+
+
+def embed_step(w, ids):
+    emb = jnp.take(TABLE, ids, axis=0)  # the lookup whose shape changes
+    return w - 0.01 * jnp.mean(emb @ w)
+
+
+LOOKUP = _line_of("emb = jnp.take(TABLE, ids, axis=0)")
+
+
+def _run_lengths(step, lengths):
+    w = jnp.ones((8, 8))
+    for n in lengths:
+        w = step(w, jnp.arange(n) % 50)
+    return w
+
+
+def test_divergence_names_the_call_and_the_shape_that_changed(monkeypatch):
+    monkeypatch.setenv("TERRA_SYNC_COMPILE", "1")
+    telemetry.enable()
+    lengths = [8] * 6 + [(8, 16, 24, 32)[i % 4] for i in range(24)]   # bucketed to 4 lengths
+    step = terra.function(embed_step)
+    w = _run_lengths(step, lengths)
+    np.testing.assert_allclose(w, _run_lengths(embed_step, lengths), rtol=1e-5)
+    s = step.stats()
+    assert s.steps == s.traced + s.coexecuted + s.fallbacks + s.eager, s
+    assert s.fallbacks == s.divergences == 3 and s.coexecuted >= 20, s
+    assert "`_take` (jit) was called with a new shape (argument 2: int32[8] -> int32[16])" \
+        in s.last_divergence.replace("int32[24]", "int32[16]").replace("int32[32]", "int32[16]")
+    text = terra.explain(step)
+    assert f"{LOOKUP}  `emb = jnp.take(TABLE, ids, axis=0)  #" in text and "`  x3" in text, text
+    # Four buckets are learned once each: nothing to act on, so no advice to pad.
+    assert "3 variants so far, each learned once" in text and "pad them" not in text, text
+
+
+def test_advice_to_pad_only_when_shapes_keep_changing(monkeypatch):
+    monkeypatch.setenv("TERRA_SYNC_COMPILE", "1")
+    telemetry.enable()
+    lengths = [5] * 6 + list(range(6, 20))                          # a new length every step
+    step = terra.function(embed_step, max_graphs=100)
+    w = _run_lengths(step, lengths)
+    np.testing.assert_allclose(w, _run_lengths(embed_step, lengths), rtol=1e-5)
+    text = terra.explain(step)
+    advice = text.split("advice:")[1]
+    assert f"at {LOOKUP} the step keeps meeting new variants" in advice, text
+    assert "pad them to a few fixed sizes" in advice

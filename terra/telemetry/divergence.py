@@ -71,7 +71,7 @@ def op_mismatch(expected: Sequence[Expected], label: str, avals: Sequence[Any], 
         kind = "shape" if any(getattr(a, "shape", None) != getattr(b, "shape", None)
                               for _, a, b in changed) else "dtype"
         return Divergence(f"{name} was called with a new {kind} ({what}){_recorded_at(exp)}; "
-                          "the graph learns it and compiles it", SHAPE,
+                          "the graph learns it", SHAPE,
                           f"{label}{tuple(aval_text(a) for a in avals)}")
     differ = sorted(k for k in set(exp.params) | set(params)
                     if not params_equal({k: exp.params.get(k)}, {k: params.get(k)}))
