@@ -1,6 +1,7 @@
 """Command line.
 
-- `python -m terra run --step NAME [--trace F] [--explain] [--telemetry ADDR] script.py [args...]`
+- `python -m terra run --step NAME [--trace F] [--explain] [--telemetry ADDR]
+  [--prometheus ADDR] script.py [args...]`
   runs an unmodified script as `__main__`, with each named module-level
   function wrapped by `terra.function` right where the script defines it.
 - `python -m terra watch HOST:PORT`: live dashboard of a program run with
@@ -92,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                      help="print where each step function syncs, diverges and compiles, at exit")
     run.add_argument("--telemetry", metavar="[HOST:]PORT",
                      help="serve the live event stream (loopback by default) for `terra watch`")
+    run.add_argument("--prometheus", metavar="[HOST:]PORT",
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback by default)")
     run.add_argument("script", help="the Python script to run as __main__")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     sub.add_parser("watch", add_help=False,
@@ -114,9 +117,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if ns.command == "run":
         if not os.path.isfile(ns.script):
             raise SystemExit(f"terra run: no such script: {ns.script}")
-        if ns.trace or ns.explain or ns.telemetry:
+        if ns.trace or ns.explain or ns.telemetry or ns.prometheus:
             from terra import telemetry
-            telemetry.enable(trace=ns.trace, explain_at_exit=ns.explain, stream=ns.telemetry)
+            telemetry.enable(trace=ns.trace, explain_at_exit=ns.explain, stream=ns.telemetry,
+                             prometheus=ns.prometheus)
         run_script(ns.script, ns.step, ns.args)
 
 

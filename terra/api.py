@@ -33,7 +33,7 @@ from terra import cache, generate
 from terra.generate import Program, build_program
 from terra.intercept import TerraTrace, install, install_autodiff_hooks
 from terra import telemetry
-from terra.telemetry import Stats, events
+from terra.telemetry import Stats, events, profiler
 from terra.telemetry.events import COMPILE, COUNTER, GAVE_UP, INTERNAL_ERROR, STEP
 from terra.trace import TraceGraph
 
@@ -173,7 +173,7 @@ class StepFunction:
         start = time.perf_counter()
         try:
             self._trace.handler = run
-            with install(self._trace):
+            with profiler.step(self.telemetry_name, stats.steps, run.mode), install(self._trace):
                 _active.run = run
                 try:
                     out = self._fn(*args, **kwargs)
@@ -259,6 +259,11 @@ class StepFunction:
         telemetry, paths = events.recorder, self._graph.paths()
 
         def compile_program():
+            with profiler.span("terra compile", function=self.telemetry_name,
+                               version=program.version):
+                return compile_segments()
+
+        def compile_segments():
             start = time.perf_counter_ns()
             for seg in program.segments:     # unchanged segments: compiled already
                 seg.executable = executables.get(seg.signature)

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from runtime.executor import RemoteValue, TerraExecutorError, wait
-from terra.telemetry import divergence, events
+from terra.telemetry import divergence, events, profiler
 from terra.autodiff import (
     GRAD, GradSpec, external_inputs, replay, run_gradient,
 )
@@ -422,7 +422,8 @@ class StepRun:
                     vals.append(_device_value(feeds[a][_slot_index(self, a, b)]))
                 else:
                     vals.append(seg.constants[i])
-            outs = executable(*vals)
+            with profiler.span("terra dispatch", segment=seg.index, step=self.step):
+                outs = executable(*vals)
             for key, v in zip(seg.outputs, outs):
                 env[key] = v
             if telemetry is not None:
@@ -441,6 +442,7 @@ class StepRun:
         self.stats.fallbacks += 1
         self.stats.last_divergence = f"{where}: {reason}"
         self.mode = FALLBACK
+        profiler.mark("terra divergence", where=where, cause=cause)
         if self.telemetry is not None:
             self.telemetry.instant(events.DIVERGENCE, self.name, self.step,
                                    {"reason": reason, "where": where, "cause": cause, "key": key})
@@ -831,14 +833,16 @@ class StepRun:
             if self.mode == COEXEC and not (self.node.fetch_after and key in self.node.needed):
                 self.graph.note_fetch(self.node, key)  # unplanned: next graph cuts here
                 planned = False
-        if self.telemetry is None:
+        if self.telemetry is None and not profiler.active():
             v = local_value(ph.value())
             _wait_ready(v, self.stats)
             return v
         start, waited = time.perf_counter_ns(), self.stats.wait_seconds
-        v = local_value(ph.value())
-        _wait_ready(v, self.stats)
-        self._fetch_event(ph, start, self.stats.wait_seconds - waited, planned)
+        with profiler.span("terra fetch", where=user_location()) if profiler.active() else profiler.OFF:
+            v = local_value(ph.value())
+            _wait_ready(v, self.stats)
+        if self.telemetry is not None:
+            self._fetch_event(ph, start, self.stats.wait_seconds - waited, planned)
         return v
 
     def _fetch_event(self, ph: Placeholder, start: int, wait_s: float, planned: bool) -> None:

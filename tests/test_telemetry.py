@@ -22,7 +22,7 @@ import pytest
 
 import terra
 from terra import telemetry
-from terra.telemetry import events, stream, watch
+from terra.telemetry import events, profiler, stream, watch
 from terra.telemetry.explain import ExplainSink
 
 HERE = os.path.abspath(__file__)
@@ -434,3 +434,70 @@ def test_advice_to_pad_only_when_shapes_keep_changing(monkeypatch):
     advice = text.split("advice:")[1]
     assert f"at {LOOKUP} the step keeps meeting new variants" in advice, text
     assert "pad them to a few fixed sizes" in advice
+
+
+def _scrape(address: str) -> dict:
+    """{(metric sample name, labels...): value} from the endpoint, parsed by prometheus_client."""
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, *sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_prometheus_endpoint_counts_what_stats_count():
+    telemetry.enable(prometheus="127.0.0.1:0")
+    address = telemetry.prometheus_address()
+    params0, opt_state0, fn = make_program()
+    step = terra.function(fn)
+    run_loop(step, params0, opt_state0)
+    step.wait_for_graph(60)
+    events.recorder.flush()
+    m, s, name = _scrape(address), step.stats(), step.telemetry_name
+    fn_label = ("function", name)
+
+    def steps(phase):
+        return m.get(("terra_steps_total", fn_label, ("phase", phase)), 0)
+
+    assert (steps("tracing"), steps("coexec"), steps("fallback")) == \
+        (s.traced, s.coexecuted, s.fallbacks), (m, s)
+    assert s.coexecuted > 0 and s.fallbacks >= 1
+    assert m[("terra_step_seconds_count", fn_label, ("phase", "coexec"))] == s.coexecuted
+    assert m[("terra_fetches_total", fn_label)] == s.fetches
+    assert m[("terra_sync_points_total", fn_label)] == s.fetch_waits > 0
+    assert m[("terra_fetch_wait_seconds_count", fn_label)] == s.fetch_waits
+    causes = {k[1][1]: v for k, v in m.items() if k[0] == "terra_divergences_total"}
+    assert sum(causes.values()) == s.divergences and causes["branch"] >= 1, causes
+    assert m[("terra_fallbacks_total", fn_label)] == s.fallbacks
+    assert m[("terra_compiles_total", fn_label)] == s.compiles >= 1
+    telemetry.disable()
+    with pytest.raises(OSError):  # closed with telemetry: nothing left listening
+        _scrape(address)
+
+
+def test_profiler_trace_shows_terra_next_to_xla(tmp_path, monkeypatch):
+    import glob
+    import gzip
+    monkeypatch.setenv("TERRA_SYNC_COMPILE", "1")
+    params, opt_state, fn = make_program()
+    step = terra.function(fn)
+    params, _ = run_loop(step, params, opt_state, steps=6)
+    assert step.wait_for_graph(60)
+    before = step.stats().steps
+    with jax.profiler.trace(str(tmp_path)):
+        params, opt_state, loss = step(params, opt_state, 0.5)
+        params, opt_state, loss = step(params, opt_state, 0.5)
+        jax.block_until_ready(loss)
+    files = glob.glob(str(tmp_path / "plugins/profile/*/*.trace.json.gz"))
+    assert files and glob.glob(str(tmp_path / "plugins/profile/*/*.xplane.pb"))
+    trace = json.load(gzip.open(files[0]))["traceEvents"]
+    name = profiler.annotation_name(step.telemetry_name)
+    steps = [e for e in trace if e.get("name") == name and "step_num" in e.get("args", {})]
+    assert sorted(int(e["args"]["step_num"]) for e in steps) == [before + 1, before + 2]
+    assert {e["args"]["phase"] for e in steps} == {"coexec"}
+    names = {e.get("name", "") for e in trace}
+    fetches = [e for e in trace if e.get("name") == "terra fetch"]
+    assert any(e["args"]["where"] == BRANCH for e in fetches)        # the sync point's line
+    assert "terra dispatch" in names                                 # the executor lane
+    assert any(n.startswith(("dot", "fusion", "wrapped_")) or "_fusion" in n for n in names)  # XLA's ops

@@ -7,13 +7,17 @@ is on, switched on by the environment when `terra` is imported:
 - `TERRA_EXPLAIN=1`: print the explain report of every step function at exit.
 - `TERRA_TELEMETRY=[host:]port`: serve the live event stream (loopback by
   default) for `python -m terra watch host:port`.
+- `TERRA_PROMETHEUS=[host:]port`: serve Prometheus metrics (`metrics.py`).
+
+While a `jax.profiler` trace is captured, steps, fetches, dispatches,
+divergences and compiles are also profiler annotations (`profiler.py`).
 
 or from code: `enable(...)`, the `timeline(path)` context manager, and
 `terra.explain(step_fn)`.
 
 Pipeline: the runtime emits `events.Event`s into `events.recorder`; its drain
 thread hands them to the sinks: `timeline.ChromeTraceSink`,
-`explain.ExplainSink`, `stream.StreamSink`.
+`explain.ExplainSink`, `stream.StreamSink`, `metrics.PrometheusSink`.
 """
 from __future__ import annotations
 
@@ -30,16 +34,18 @@ from terra.telemetry.explain import ExplainSink, render
 from terra.telemetry.stats import Stats
 from terra.telemetry.timeline import ChromeTraceSink
 
-__all__ = ["Stats", "enable", "disable", "timeline", "report", "stream_address"]
+__all__ = ["Stats", "enable", "disable", "timeline", "report", "stream_address",
+           "prometheus_address"]
 
 _lock = threading.Lock()
 _explain: ExplainSink | None = None    # attached whenever events are collected
 _explain_at_exit = False
 _stream = None                         # the StreamSink, if serving
+_prometheus = None                     # the PrometheusSink, if serving
 
 
 def enable(*, trace: str | None = None, explain_at_exit: bool = False,
-           stream: str | None = None) -> Recorder:
+           stream: str | None = None, prometheus: str | None = None) -> Recorder:
     """Start collecting events (idempotent); optionally add a sink.
 
     Args:
@@ -47,13 +53,16 @@ def enable(*, trace: str | None = None, explain_at_exit: bool = False,
         explain_at_exit: print the explain report of every step function at exit.
         stream: serve the live event stream at `[host:]port` (loopback by default;
             port 0 picks a free one, see `stream_address()`).
+        prometheus: serve Prometheus metrics at `[host:]port` (loopback by default;
+            port 0 picks one, see `prometheus_address()`); needs `prometheus_client`
+            (`pip install terra-jax[prometheus]`).
 
     Example:
         >>> import terra.telemetry as tt
         >>> rec = tt.enable()          # events are now aggregated for terra.explain
         >>> tt.disable()
     """
-    global _explain, _explain_at_exit, _stream
+    global _explain, _explain_at_exit, _stream, _prometheus
     with _lock:
         rec = events.recorder
         if rec is None:
@@ -71,19 +80,39 @@ def enable(*, trace: str | None = None, explain_at_exit: bool = False,
             rec.add_sink(_stream)
             print(f"terra: telemetry stream on {_stream.address} "
                   f"(watch it: python -m terra watch {_stream.address})", file=sys.stderr)
+        if prometheus is not None and _prometheus is None:
+            _prometheus = _prometheus_sink(prometheus)
+            rec.add_sink(_prometheus)
+            print(f"terra: Prometheus metrics on http://{_prometheus.address}/metrics",
+                  file=sys.stderr)
         _explain_at_exit = _explain_at_exit or explain_at_exit
         return rec
 
 
+def _prometheus_sink(address: str):
+    from terra.telemetry.stream import parse_address
+    host, port = parse_address(address)
+    try:
+        from terra.telemetry.metrics import PrometheusSink
+    except ImportError as err:
+        raise ImportError("terra: TERRA_PROMETHEUS needs prometheus_client "
+                          "(pip install 'terra-jax[prometheus]')") from err
+    try:
+        return PrometheusSink(host, port)
+    except OSError as err:
+        raise OSError(f"terra: cannot serve Prometheus metrics on {host}:{port} ({err}); "
+                      "set TERRA_PROMETHEUS to a free port, or 0 to pick one") from None
+
+
 def disable() -> None:
     """Stop collecting events; flush and close every sink (timeline files, stream)."""
-    global _stream
+    global _stream, _prometheus
     with _lock:
         rec = events.recorder
         if rec is None:
             return
         events.set_recorder(None)
-        _stream = None
+        _stream = _prometheus = None
     rec.close()
 
 
@@ -125,13 +154,19 @@ def stream_address() -> str | None:
     return None if _stream is None else _stream.address
 
 
+def prometheus_address() -> str | None:
+    """`host:port` of the Prometheus endpoint (`/metrics`), when serving."""
+    return None if _prometheus is None else _prometheus.address
+
+
 def configure_from_env() -> None:
-    """Apply TERRA_TRACE / TERRA_EXPLAIN / TERRA_TELEMETRY (called on `import terra`)."""
+    """Apply TERRA_TRACE / TERRA_EXPLAIN / TERRA_TELEMETRY / TERRA_PROMETHEUS (on `import terra`)."""
     trace = os.environ.get("TERRA_TRACE", "").strip() or None
     explain = os.environ.get("TERRA_EXPLAIN", "").strip().lower() not in ("", "0", "false", "no")
     stream = os.environ.get("TERRA_TELEMETRY", "").strip() or None
-    if trace or explain or stream:
-        enable(trace=trace, explain_at_exit=explain, stream=stream)
+    prometheus = os.environ.get("TERRA_PROMETHEUS", "").strip() or None
+    if trace or explain or stream or prometheus:
+        enable(trace=trace, explain_at_exit=explain, stream=stream, prometheus=prometheus)
 
 
 def _at_exit() -> None:
