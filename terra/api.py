@@ -33,7 +33,7 @@ from terra import cache, generate
 from terra.generate import Program, build_program
 from terra.intercept import TerraTrace, install, install_autodiff_hooks
 from terra import telemetry
-from terra.telemetry import Stats, events, profiler
+from terra.telemetry import Stats, events, hybrid, profiler
 from terra.telemetry.events import COMPILE, COUNTER, GAVE_UP, INTERNAL_ERROR, STEP
 from terra.trace import TraceGraph
 
@@ -86,6 +86,7 @@ class StepFunction:
         self._warned_concurrent = False
         self._looked_in_cache = False             # for a saved graph (TERRA_CACHE_DIR)
         self._graph_store: cache.GraphStore | None = None
+        self._calls: hybrid.Calls | None = None   # while events are on: for the explain report
 
     def __get__(self, obj, objtype=None):  # used as a method: bind `self`
         return self if obj is None else functools.partial(self, obj)
@@ -162,6 +163,8 @@ class StepFunction:
         stats.steps += 1
         telemetry = events.recorder
         start_ns = time.perf_counter_ns()
+        if telemetry is not None:
+            hybrid.calls_of(self).observe(args, kwargs)
         if not self._looked_in_cache:
             self._resume_from_cache()
         self._adopt_compiled_program()
@@ -383,8 +386,9 @@ def function(fn: F | None = None, *, max_graphs: int = 8, max_paths: int = 64,
                         executor=executor)  # type: ignore
 
 
-def explain(fn: StepFunction | None = None, *, at_exit: bool = False) -> str:
-    """The explain report: sync points, divergences, compiles and advice.
+def explain(fn: StepFunction | None = None, *, at_exit: bool = False, jit: bool = False) -> str:
+    """The explain report: sync points, divergences, compiles, advice, and whether
+    whole-step `jax.jit` would give the same results (the hybridization report).
 
     Events are collected while telemetry is on (TERRA_EXPLAIN=1, TERRA_TRACE,
     TERRA_TELEMETRY, `terra.timeline`, or `explain(..., at_exit=True)` before
@@ -393,7 +397,10 @@ def explain(fn: StepFunction | None = None, *, at_exit: bool = False) -> str:
     Args:
         fn: a `terra.function`; None for every step function seen.
         at_exit: also switch event collection on now and print the report of
-            every step function to stderr when the program exits.
+            every step function to stderr when the program exits (with `jit`).
+        jit: check the jax.jit verdict by running the step's last call eagerly
+            and under jax.jit, and time jit, eager and terra side by side (it
+            runs the step function a few more times; its prints are captured).
 
     Example:
         >>> terra.explain(train_step, at_exit=True)       # doctest: +SKIP
@@ -402,7 +409,7 @@ def explain(fn: StepFunction | None = None, *, at_exit: bool = False) -> str:
     if at_exit:
         telemetry.enable(explain_at_exit=True)
     name = None if fn is None else fn.telemetry_name
-    text = telemetry.report(name)
+    text = telemetry.report(name, check=jit)
     if fn is not None and not text:  # no events: the counters, and how to get more
         s = fn.stats()
         text = (f"terra explain: {name}\n  steps: {s.steps} (tracing {s.traced}, co-executed "

@@ -848,7 +848,7 @@ class StepRun:
     def _fetch_event(self, ph: Placeholder, start: int, wait_s: float, planned: bool) -> None:
         """Where the user fetched (file:line, variable name) and what it waited for."""
         frame = user_frame()
-        data = {"wait_us": wait_s * 1e6, "planned": planned,
+        data = {"wait_us": wait_s * 1e6, "planned": planned, "in_step": self.active,
                 "where": "<unknown>" if frame is None else
                 f"{frame.f_code.co_filename}:{frame.f_lineno}"}
         if frame is not None:

@@ -28,7 +28,7 @@ import sys
 import threading
 from typing import Iterator
 
-from terra.telemetry import events
+from terra.telemetry import events, hybrid
 from terra.telemetry.events import Recorder
 from terra.telemetry.explain import ExplainSink, render
 from terra.telemetry.stats import Stats
@@ -138,15 +138,30 @@ def timeline(path: str) -> Iterator[str]:
             disable()
 
 
-def report(name: str | None = None) -> str:
-    """The explain report of step function `name` (all of them when None); '' if no events."""
+def report(name: str | None = None, check: bool = False) -> str:
+    """The explain report of step function `name` (all of them when None); '' if no events.
+
+    `check`: verify the hybridization verdict by running the step's last call
+    eagerly and under jax.jit (and time them): it runs the step again.
+    """
     sink = _explain
     if sink is None:
         return ""
     if events.recorder is not None:
         events.recorder.flush()
     names = sorted(sink.functions) if name is None else [name] if name in sink.functions else []
-    return "\n\n".join(render(n, sink.aggregate(n)) for n in names)
+    return "\n\n".join(render(n, sink.aggregate(n), _hybrid_lines(n, sink, check))
+                        for n in names)
+
+
+def _hybrid_lines(name: str, sink: ExplainSink, check: bool) -> list[str]:
+    step = hybrid.step_named(name)
+    calls = None if step is None else step._calls
+    checked = None
+    if check and calls is not None and calls.last is not None:
+        checked = hybrid.probe(calls)
+    graph = None if step is None else step._graph
+    return hybrid.render(sink.aggregate(name), calls, checked, graph)
 
 
 def stream_address() -> str | None:
@@ -172,7 +187,7 @@ def configure_from_env() -> None:
 def _at_exit() -> None:
     sink = _explain
     if _explain_at_exit and sink is not None:
-        text = report()
+        text = report(check=True)
         if text:
             print(text, file=sys.stderr)
     disable()

@@ -28,6 +28,7 @@ class FetchSite:
     waits: int = 0            # fetches that found the value not computed yet: sync points
     wait_us: float = 0.0
     steps: int = 0            # distinct steps that fetched here
+    in_step: bool = False     # fetched inside the step function (not by the loop around it)
     last_step: int = -1
     names: collections.Counter = field(default_factory=collections.Counter)
     ops: collections.Counter = field(default_factory=collections.Counter)
@@ -94,7 +95,7 @@ class ExplainSink:
 def _on_step(agg: FunctionAggregate, ev: Event, data: dict) -> None:
     phase = data.get("phase", "?")
     agg.phases[phase] += 1
-    if phase in ("coexec", "fallback"):
+    if phase == "coexec":
         agg.coexec_steps += 1
         agg.coexec_us += ev.dur_ns / 1000
         agg.coexec_wait_us += data.get("wait_us", 0.0)
@@ -103,6 +104,7 @@ def _on_step(agg: FunctionAggregate, ev: Event, data: dict) -> None:
 def _on_fetch(agg: FunctionAggregate, ev: Event, data: dict) -> None:
     site = agg.fetch_sites.setdefault(data.get("where", "<unknown>"), FetchSite())
     site.fetches += 1
+    site.in_step = site.in_step or bool(data.get("in_step"))
     if ev.step != site.last_step:
         site.steps += 1
         site.last_step = ev.step
@@ -146,8 +148,8 @@ def source_line(where: str) -> str:
     return linecache.getline(path, int(line)).strip() if line.isdigit() else ""
 
 
-def render(fn: str, agg: FunctionAggregate | None) -> str:
-    """The explain report of one step function."""
+def render(fn: str, agg: FunctionAggregate | None, hybrid: list[str] = ()) -> str:
+    """The explain report of one step function; `hybrid`: its hybridization lines."""
     lines = [f"terra explain: {fn}"]
     if agg is None or not agg.phases:
         lines.append("  no steps recorded")
@@ -189,6 +191,7 @@ def render(fn: str, agg: FunctionAggregate | None) -> str:
         lines.append(f"  internal error (step finished eagerly) x{n}: {what}")
     if agg.gave_up:
         lines.append(f"  stays eager: {agg.gave_up}")
+    lines.extend(hybrid)
     advice = _advice(agg)
     if advice:
         lines.append("  advice:")
