@@ -29,7 +29,7 @@ STEPS = 6
 class Check(NamedTuple):
     program: str
     bench: str          # what jax.jit did, compared as terra bench compares
-    report: str         # the explain report's (checked) verdict
+    report: str         # the explain report's verdict (checked under jax.jit)
     inferred: str       # the verdict from Terra's observations alone
     jit_error: str
     seconds: float
@@ -62,11 +62,10 @@ def report_verdicts(module, steps: int) -> tuple[str, str]:
             raise RuntimeError(f"fails under terra: {bench._failure(out.error)}")
         checked, inferred = [], []
         for step in wrap.wrapped.values():
-            calls = step._calls
-            reasons, _ = hybrid.observed_reasons(
-                telemetry._explain.aggregate(step.telemetry_name), calls, step._graph)
-            inferred.append(hybrid.inferred_verdict(reasons))
-            checked.append(hybrid.probe(calls).verdict)
+            a = hybrid.assess(telemetry._explain.aggregate(step.telemetry_name), step._calls,
+                              hybrid.probe(step._calls), step._graph)
+            checked.append(a.verdict)
+            inferred.append(a.inferred)
     finally:
         telemetry.disable()
     return _program(checked), _program(inferred)

@@ -157,11 +157,15 @@ def report(name: str | None = None, check: bool = False) -> str:
 def _hybrid_lines(name: str, sink: ExplainSink, check: bool) -> list[str]:
     step = hybrid.step_named(name)
     calls = None if step is None else step._calls
-    checked = None
+    checked, failed = None, []
     if check and calls is not None and calls.last is not None:
-        checked = hybrid.probe(calls)
+        try:
+            checked = hybrid.probe(calls)
+        except Exception as err:  # the step no longer runs eagerly on its last arguments
+            failed = [f"    (not checked under jax.jit: re-running the last call eagerly raised "
+                      f"{type(err).__name__}: {err})"]
     graph = None if step is None else step._graph
-    return hybrid.render(sink.aggregate(name), calls, checked, graph)
+    return hybrid.render(sink.aggregate(name), calls, checked, graph) + failed
 
 
 def stream_address() -> str | None:

@@ -52,7 +52,7 @@ MATCHES, FAILS, DIFFERS = "matches", "fails", "runs but differs"
 _VERDICT_TEXT = {MATCHES: "yes: jax.jit of the whole step gives the same results",
                  FAILS: "no: jax.jit of the whole step fails",
                  DIFFERS: "no: jax.jit of the whole step runs but gives different results"}
-_PROBE_CALLS = 3    # calls per mode when probing: the second and third use jit's cached trace
+_PROBE_CALLS = 4    # calls per mode when probing: all but the first use jit's cached trace
 _FEW_SHAPES = 8     # this many shapes are a few retraces, not a reason to change code
 
 
@@ -147,8 +147,16 @@ def probe(calls: Calls) -> Probe:
                        eager_printed.first_where or printed.first_where, SIDE_EFFECT)
     elif not all(bench.params_match(a, b) for a, b in zip(eager, out)):
         result = Probe(DIFFERS, "its outputs differ from eager's")
+    elif _varies(eager, bench) and not _varies(out, bench):
+        result = Probe(DIFFERS, f"on the same arguments eager's results change from call to call "
+                       f"(Python state decides something) while jit's {_PROBE_CALLS} calls repeat "
+                       "its first trace's", category=SIDE_EFFECT)
     result.eager_ms, result.jit_ms = _ms(eager_s), _ms(jit_s)
     return result
+
+
+def _varies(outs: list, bench) -> bool:
+    return not all(bench.params_match(outs[0], o) for o in outs[1:])
 
 
 def _ms(seconds: list) -> float | None:
@@ -348,30 +356,60 @@ def _failure_reason(checked: Probe, calls: Calls | None) -> Reason:
     return Reason(checked.category or guess.category, checked.where, checked.detail, guess.fix)
 
 
-def render(agg, calls: Calls | None, checked: Probe | None, graph=None) -> list[str]:
-    """The report's lines (indented under `terra explain: NAME`)."""
+class Assessment(NamedTuple):
+    verdict: str
+    inferred: str          # from Terra's observations alone
+    reasons: list          # why jit would fail or differ
+    notes: list            # retraces and the like: jit still gives eager's results
+    checked: Probe | None
+    frozen_choice: bool    # jit matched on the probe's calls, but the run showed Python choosing
+
+
+def assess(agg, calls: Calls | None, checked: Probe | None, graph=None) -> Assessment:
+    """The verdict: the jit check where it ran, else what Terra observed.
+
+    A check that matched on its few calls does not clear a step whose recorded
+    paths split without a tensor deciding: on the steps where Python chose
+    differently, jit would replay its first trace's choice.
+    """
     reasons, notes = observed_reasons(agg, calls, graph)
+    inferred = inferred_verdict(reasons)
     if checked is not None and checked.verdict == FAILS and checked.where and not any(
             r.where == checked.where for r in reasons):
         reasons.insert(0, _failure_reason(checked, calls))
     if checked is not None and checked.verdict == DIFFERS and checked.category == SIDE_EFFECT \
             and not any(r.category == SIDE_EFFECT for r in reasons):
-        reasons.append(Reason(SIDE_EFFECT, checked.where or "?", "prints: under jit it prints "
-                              "once, at trace time", "print with jax.debug.print"))
-    verdict = checked.verdict if checked is not None else inferred_verdict(reasons)
+        printed = checked.detail.startswith("printed")
+        reasons.append(Reason(SIDE_EFFECT, checked.where or "?", checked.detail,
+                              "print with jax.debug.print" if printed else
+                              "draw random choices with jax.random inside the step, and pass "
+                              "changing Python values in as arguments"))
+    verdict = checked.verdict if checked is not None else inferred
+    frozen = verdict == MATCHES and any(r.category == SIDE_EFFECT for r in reasons)
+    return Assessment(DIFFERS if frozen else verdict, inferred, reasons, notes, checked, frozen)
+
+
+def render(agg, calls: Calls | None, checked: Probe | None, graph=None) -> list[str]:
+    """The report's lines (indented under `terra explain: NAME`)."""
+    a = assess(agg, calls, checked, graph)
     how = ("checked: ran the last step's arguments eagerly and under jax.jit"
            if checked is not None else "inferred from the steps Terra ran (not run under jit)")
-    lines = [f"  whole-step jax.jit: {_VERDICT_TEXT[verdict]} ({how})"]
-    if checked is not None and checked.verdict != MATCHES and checked.detail:
+    lines = [f"  whole-step jax.jit: {_VERDICT_TEXT[a.verdict]} ({how})"]
+    if a.frozen_choice:
+        lines.append(f"    observed: jit matched on {_PROBE_CALLS} calls on the last arguments, "
+                     "but during the run Python chose different ops without reading a tensor; "
+                     "on the steps it chooses differently jit would replay its first trace")
+    elif checked is not None and checked.verdict != MATCHES and checked.detail:
         lines.append(f"    observed: {checked.detail}")
-    if checked is not None and checked.verdict != inferred_verdict(reasons):
-        lines.append(f"    (Terra's observations alone predicted: {inferred_verdict(reasons)})")
-    if verdict != MATCHES:
-        for r in reasons:
+    if checked is not None and a.verdict != a.inferred:
+        lines.append(f"    (Terra's observations alone predicted: {a.inferred})")
+    if a.verdict != MATCHES:
+        for r in a.reasons:
             lines.append(f"    - [{r.category}] {r.where}  `{_source(r.where)}`")
             lines.append(f"        {r.what}; to stage it: {r.fix}")
-    for r in notes:
-        if r.category == SCALAR and any(r.where.strip("argument ") in x.what for x in reasons):
+    for r in a.notes:
+        if r.category == SCALAR and any(r.where.split("`")[1:2][0] in x.what for x in a.reasons
+                                        if "`" in r.where):
             continue  # named by the reason it causes
         lines.append(f"    note [{r.category}] {r.where}: {r.what}; {r.fix}")
     if checked is not None:
