@@ -399,8 +399,8 @@ def explain(fn: StepFunction | None = None, *, at_exit: bool = False, jit: bool 
         at_exit: also switch event collection on now and print the report of
             every step function to stderr when the program exits (with `jit`).
         jit: check the jax.jit verdict by running the step's last call eagerly
-            and under jax.jit, and time jit, eager and terra side by side (it
-            runs the step function a few more times; its prints are captured).
+            and under jax.jit, and time both (it runs the step function a few
+            more times; its prints are captured).
 
     Example:
         >>> terra.explain(train_step, at_exit=True)       # doctest: +SKIP

@@ -14,8 +14,8 @@ studies of imperative-to-graph refactoring (Khatchadourian et al.):
 each with the change that makes it stageable. The verdict is checked against
 reality: `probe` runs the step on its last arguments eagerly and under
 `jax.jit` (a few calls each, Python's random state restored so both see the
-same draws) and compares outputs and prints as `terra bench` does; where jit
-runs it also times jit, eager and Terra side by side.
+same draws) and compares outputs and prints as `terra bench` does, and times
+eager and jit there; Terra's speed is the one it had during the run.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from terra.telemetry import divergence, events
+from terra.telemetry import divergence
 from terra.telemetry.explain import source_line
 
 # The studies' categories.
