@@ -418,18 +418,18 @@ def render(agg, calls: Calls | None, checked: Probe | None, graph=None) -> list[
 
 
 def _speeds(p: Probe, agg) -> str:
-    parts = [f"eager {p.eager_ms:.2f} ms" if p.eager_ms is not None else ""]
+    """Eager and jit on the last arguments; terra as it ran."""
+    parts = [] if p.eager_ms is None else [f"eager {p.eager_ms:.2f} ms"]
     if p.jit_ms is not None:
-        parts.append(f"jax.jit {p.jit_ms:.2f} ms" + (" (but its results differ)"
-                                                     if p.verdict == DIFFERS else ""))
+        parts.append(f"jax.jit {p.jit_ms:.2f} ms"
+                     + (" (but its results differ)" if p.verdict == DIFFERS else ""))
     elif p.verdict == FAILS:
         parts.append("jax.jit does not run")
-    text = ", ".join(x for x in parts if x) + " per call on the last step's arguments, waiting " \
-        "for the results"
+    text = "per call on the last step's arguments, waiting for the results: " + ", ".join(parts)
     if agg is not None and agg.coexec_steps:
         text += (f"; terra {agg.coexec_us / agg.coexec_steps / 1000:.2f} ms per co-executed step "
-                 "in the run (the call's wall time; its graph may still run after it returns: "
-                 "`python -m terra bench` times whole rounds)")
+                 "during the run (the call's wall time; its graph may still run after it "
+                 "returns: `python -m terra bench` times whole rounds)")
     return text
 
 
