@@ -609,8 +609,9 @@ def test_prediction_checked_against_the_program_in_use(monkeypatch):
                                        err_msg=f"step {i}")
     finally:
         gate.set()
-    assert step.stats().coexecuted >= 4
-    assert step.stats().fallbacks >= 2
+    stats = step.stats()
+    assert stats.coexecuted + stats.fallbacks >= 4 and stats.coexecuted >= 1, stats
+    assert stats.fallbacks >= 2, stats
 
 
 @pytest.mark.parametrize("size", [4, 4096])   # predicted-size and live-size feeds
