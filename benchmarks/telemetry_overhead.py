@@ -3,8 +3,9 @@
     python benchmarks/telemetry_overhead.py [--steps N] [--repeats R] [--programs mlp,cnn]
 
 Settings: off; "explain" (events collected and aggregated for the explain
-report); "timeline" (plus a Chrome trace file written); "all" (plus the live
-gRPC stream served, no subscriber). One terra step function per program; the
+report, and each call's arguments kept for the hybridization report); "timeline"
+(plus a Chrome trace file written); "all" (plus the live gRPC stream and the
+Prometheus endpoint served, no subscriber or scraper). One terra step function per program; the
 setting is switched between windows of N steps (interleaved, R rounds, the
 order rotated each round), so all settings run the same steps of the same process.
 Short windows, many rounds: settings measured far apart in time differ for
@@ -43,7 +44,7 @@ def switch(setting: str, trace_path: str) -> None:
     elif setting == "timeline":
         telemetry.enable(trace=trace_path)
     elif setting == "all":
-        telemetry.enable(trace=trace_path, stream="127.0.0.1:0")
+        telemetry.enable(trace=trace_path, stream="127.0.0.1:0", prometheus="127.0.0.1:0")
 
 
 def coexecuted_overhead(module, steps: int, repeats: int, trace_path: str, log) -> dict:

@@ -1,8 +1,12 @@
 """Command line.
 
-- `python -m terra run --step NAME [--trace F] [--explain] [--telemetry ADDR] script.py [args...]`
+- `python -m terra run --step NAME [--trace F] [--explain] [--telemetry ADDR]
+  [--prometheus ADDR] script.py [args...]`
   runs an unmodified script as `__main__`, with each named module-level
   function wrapped by `terra.function` right where the script defines it.
+- `python -m terra explain script.py --step NAME [args...]`: run it with the
+  explain report at exit, including whether whole-step jax.jit would give the
+  same results (the hybridization report).
 - `python -m terra watch HOST:PORT`: live dashboard of a program run with
   `TERRA_TELEMETRY` (or `--telemetry`).
 - `python -m terra bench ...`: eager vs jax.jit vs terra on the examples.
@@ -88,6 +92,11 @@ def _telemetry_address(text: str) -> str:
     return text
 
 
+def _check_script(path: str, command: str) -> None:
+    if not os.path.isfile(path):
+        raise SystemExit(f"terra {command}: no such script: {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m terra",
                                      description="Terra: co-execute imperative JAX programs.")
@@ -101,8 +110,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                      help="print where each step function syncs, diverges and compiles, at exit")
     run.add_argument("--telemetry", metavar="[HOST:]PORT", type=_telemetry_address,
                      help="serve the live event stream (loopback by default) for `terra watch`")
+    run.add_argument("--prometheus", metavar="[HOST:]PORT",
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback by default)")
     run.add_argument("script", help="the Python script to run as __main__")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    explain = sub.add_parser("explain", help="run a script and report, for each step function, "
+                             "its sync points and divergences and whether whole-step jax.jit "
+                             "would give the same results (arguments after the options, or "
+                             "after --, go to the script)")
+    explain.add_argument("script", help="the Python script to run as __main__")
+    explain.add_argument("--step", action="append", required=True, metavar="NAME",
+                         help="module-level function to wrap with terra.function (repeatable)")
     sub.add_parser("watch", add_help=False,
                    help="live dashboard of a program run with TERRA_TELEMETRY (see --help)")
     sub.add_parser("bench", add_help=False,
@@ -119,13 +137,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[:1] == ["serve"]:
         from runtime import server
         raise SystemExit(server.main(argv[1:]))
+    if argv[:1] == ["explain"]:
+        ns, rest = parser.parse_known_args(argv)
+        _check_script(ns.script, "explain")
+        from terra import telemetry
+        telemetry.enable(explain_at_exit=True)
+        run_script(ns.script, ns.step, rest[1:] if rest[:1] == ["--"] else rest)
+        return
     ns = parser.parse_args(argv)
     if ns.command == "run":
-        if not os.path.isfile(ns.script):
-            raise SystemExit(f"terra run: no such script: {ns.script}")
-        if ns.trace or ns.explain or ns.telemetry:
+        _check_script(ns.script, "run")
+        if ns.trace or ns.explain or ns.telemetry or ns.prometheus:
             from terra import telemetry
-            telemetry.enable(trace=ns.trace, explain_at_exit=ns.explain, stream=ns.telemetry)
+            telemetry.enable(trace=ns.trace, explain_at_exit=ns.explain, stream=ns.telemetry,
+                             prometheus=ns.prometheus)
         run_script(ns.script, ns.step, ns.args)
 
 

@@ -33,7 +33,7 @@ from terra import cache, generate
 from terra.generate import Program, build_program
 from terra.intercept import TerraTrace, install, install_autodiff_hooks
 from terra import telemetry
-from terra.telemetry import Stats, events
+from terra.telemetry import Stats, events, hybrid, profiler
 from terra.telemetry.events import COMPILE, COUNTER, GAVE_UP, INTERNAL_ERROR, STEP
 from terra.trace import TraceGraph
 
@@ -120,6 +120,7 @@ class StepFunction:
         self._warned_concurrent = False
         self._looked_in_cache = False             # for a saved graph (TERRA_CACHE_DIR)
         self._graph_store: cache.GraphStore | None = None
+        self._calls: hybrid.Calls | None = None   # while events are on: for the explain report
 
     def __get__(self, obj, objtype=None):  # used as a method: bind `self`
         return self if obj is None else functools.partial(self, obj)
@@ -196,6 +197,8 @@ class StepFunction:
         stats.steps += 1
         telemetry = events.recorder
         start_ns = time.perf_counter_ns()
+        if telemetry is not None:
+            hybrid.calls_of(self).observe(args, kwargs)
         if not self._looked_in_cache:
             self._resume_from_cache()
         self._adopt_compiled_program()
@@ -207,7 +210,7 @@ class StepFunction:
         start = time.perf_counter()
         try:
             self._trace.handler = run
-            with install(self._trace):
+            with profiler.step(self.telemetry_name, stats.steps, run.mode), install(self._trace):
                 _active.run = run
                 try:
                     out = self._fn(*args, **kwargs)
@@ -294,6 +297,11 @@ class StepFunction:
         telemetry, paths = events.recorder, self._graph.paths()
 
         def compile_program():
+            with profiler.span("terra compile", function=self.telemetry_name,
+                               version=program.version):
+                return compile_segments()
+
+        def compile_segments():
             start = time.perf_counter_ns()
             for seg in program.segments:     # unchanged segments: compiled already
                 seg.executable = executables.get(seg.signature)
@@ -414,8 +422,9 @@ def function(fn: F | None = None, *, max_graphs: int = 8, max_paths: int = 64,
                         executor=executor)  # type: ignore
 
 
-def explain(fn: StepFunction | None = None, *, at_exit: bool = False) -> str:
-    """The explain report: sync points, divergences, compiles and advice.
+def explain(fn: StepFunction | None = None, *, at_exit: bool = False, jit: bool = False) -> str:
+    """The explain report: sync points, divergences, compiles, advice, and whether
+    whole-step `jax.jit` would give the same results (the hybridization report).
 
     Events are collected while telemetry is on (TERRA_EXPLAIN=1, TERRA_TRACE,
     TERRA_TELEMETRY, `terra.timeline`, or `explain(..., at_exit=True)` before
@@ -424,7 +433,10 @@ def explain(fn: StepFunction | None = None, *, at_exit: bool = False) -> str:
     Args:
         fn: a `terra.function`; None for every step function seen.
         at_exit: also switch event collection on now and print the report of
-            every step function to stderr when the program exits.
+            every step function to stderr when the program exits (with `jit`).
+        jit: check the jax.jit verdict by running the step's last call eagerly
+            and under jax.jit, and time both (it runs the step function a few
+            more times; its prints are captured).
 
     Example:
         >>> terra.explain(train_step, at_exit=True)       # doctest: +SKIP
@@ -439,7 +451,7 @@ def explain(fn: StepFunction | None = None, *, at_exit: bool = False) -> str:
     if at_exit:
         telemetry.enable(explain_at_exit=True)
     name = None if fn is None else fn.telemetry_name
-    text = telemetry.report(name)
+    text = telemetry.report(name, check=jit)
     if fn is not None and not text:  # no events: the counters, and how to get more
         s = fn.stats()
         text = (f"terra explain: {name}\n  steps: {s.steps} (tracing {s.traced}, co-executed "

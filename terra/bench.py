@@ -358,11 +358,12 @@ def bench_program(name: str, path: Path, steps: int, rounds: int, progress) -> P
             result.terra_vs_expert = result.expert_ms / result.terra_ms
         delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
         result.fallbacks = int(delta.get("fallbacks", 0))
-        result.coexecuted_steps = int(delta.get("coexecuted", 0)) - result.fallbacks
+        result.coexecuted_steps = int(delta.get("coexecuted", 0))
         result.measured_steps = int(delta.get("steps", 0))     # step-function calls
-        if delta.get("coexecuted"):
+        started = delta.get("coexecuted", 0) + delta.get("fallbacks", 0)
+        if started:
             python_s = delta["step_seconds"] - delta["wait_seconds"]
-            result.skeleton_ms = 1e3 * python_s / delta["coexecuted"]
+            result.skeleton_ms = 1e3 * python_s / started
             result.bound = "python" if result.skeleton_ms >= 0.8 * result.terra_ms else "graph"
     result.compiles = int(wraps["terra"].terra_stats().get("compiles", 0))
     return result

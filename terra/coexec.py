@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from runtime.executor import RemoteValue, TerraExecutorError, wait
-from terra.telemetry import events
+from terra.telemetry import divergence, events, profiler
 from terra.autodiff import (
     GRAD, GradSpec, external_inputs, replay, run_gradient,
 )
@@ -162,7 +162,7 @@ class StepRun:
             if op.prim is prim and self._inputs_match(op, args) and params_equal(op.params, params):
                 break
         else:
-            self._diverge(f"expected {self._expected()}, got {prim.name}")
+            self._diverge(*self._mismatch(prim, args, params))
             return None
         if self.graph.loaded:
             self.graph.met_live_op(child, params)
@@ -175,7 +175,9 @@ class StepRun:
             self._diverge(_CHECKED_EAGERLY)
             return None
         if child not in self.program.ready:
-            self._diverge(f"{op.prim.name} follows a path the current graph does not cover yet")
+            self._diverge(f"{divergence.call_name(op.label)} follows a path the graph learned but "
+                          "is still compiling: this step finishes eagerly",
+                          divergence.UNCOVERED, op.label)
             return None
         if op.feed_slots:
             # The program was built with these values: check Python's match.
@@ -183,7 +185,9 @@ class StepRun:
             for k, token in predicted:
                 if not tokens_equal(token, feed_token(args[k])):
                     self.graph.mark_varying(child, k)
-                    self._diverge(f"a feed to {op.prim.name} changed value (now fed live)")
+                    self._diverge(f"a Python value passed to {divergence.call_name(op.label)} "
+                                  f"(argument {k + 1}) changed: it was the same in every step "
+                                  "so far and is fed live from now on", divergence.FEED, op.label)
                     return None
             self.rec.feeds[pos] = tuple(frozen_copy(args[k]) for k in op.feed_slots)
             self.stats.feeds += len(op.feed_slots)
@@ -387,9 +391,27 @@ class StepRun:
                     return False
         return True
 
-    def _expected(self) -> str:
-        names = [c.op.prim.name for c in self.node.children]
-        return " or ".join(names) if names else "the step to end"
+    def _mismatch(self, prim, args, params) -> divergence.Divergence:
+        """What differs between the op Python applied and the ops the graph expected."""
+        expected = [divergence.Expected(c.op.label, [self._recorded_aval(i) for i in c.op.inputs],
+                                        c.op.params, c.op.where,
+                                        [i[:2] if i[0] != FEED else (FEED,) for i in c.op.inputs])
+                    for c in self.node.children]
+        label = f"{prim.name}:{params['name']}" if isinstance(params.get("name"), str) else prim.name
+        return divergence.op_mismatch(expected, label, [aval_of(x) for x in args], params,
+                                      [self._origin(x) for x in args], params_equal)
+
+    def _recorded_aval(self, inp: tuple) -> Any:
+        kind, a, b = inp
+        if kind == NODE:
+            return self.nodes[a].op.out_avals[b] if a < len(self.nodes) else None
+        return b if kind == ARG else a
+
+    def _origin(self, x) -> tuple:
+        if type(x) is Placeholder and x._run is self:
+            return (NODE, x._pos)
+        i = self.arg_ids.get(id(x))
+        return (ARG, i) if i is not None and self.args[i] is x else (FEED,)
 
     def _run_host_op(self, pos: int, op: Op, args) -> list:
         """Ops with host effects (prints, callbacks) run now, in Python's order."""
@@ -421,11 +443,12 @@ class StepRun:
                     vals.append(_device_value(feeds[a][_slot_index(self, a, b)]))
                 else:
                     vals.append(seg.constants[i])
-            try:
-                outs = executable(*vals)
-            except Exception:
-                self.deleted_input = any(_deleted(v) for v in vals)
-                raise
+            with profiler.span("terra dispatch", segment=seg.index, step=self.step):
+                try:
+                    outs = executable(*vals)
+                except Exception:
+                    self.deleted_input = any(_deleted(v) for v in vals)
+                    raise
             for key, v in zip(seg.outputs, outs):
                 env[key] = v
             if telemetry is not None:
@@ -438,15 +461,16 @@ class StepRun:
             self.futures[id(seg)] = self.owner._executor.dispatch(job)
         self.stats.segments_dispatched += 1
 
-    def _diverge(self, reason: str) -> None:
+    def _diverge(self, reason: str, cause: str, key: str) -> None:
         where = user_location()
         self.stats.divergences += 1
         self.stats.fallbacks += 1
         self.stats.last_divergence = f"{where}: {reason}"
         self.mode = FALLBACK
+        profiler.mark("terra divergence", where=where, cause=cause)
         if self.telemetry is not None:
             self.telemetry.instant(events.DIVERGENCE, self.name, self.step,
-                                   {"reason": reason, "where": where})
+                                   {"reason": reason, "where": where, "cause": cause, "key": key})
 
     # -- TRACING / FALLBACK ----------------------------------------------------
     def _apply_eager(self, trace, prim, args, params):
@@ -697,7 +721,8 @@ class StepRun:
                             return outs
                     break
             if self.mode == COEXEC:
-                self._diverge("the differentiated function took a new path")
+                self._diverge("the function differentiated here took a path its recorded "
+                              "gradient does not cover", divergence.GRADIENT, "gradient")
         inputs = [*ct_inputs, *((NODE, p, o) for p, o in region.diff), *external_inputs(spec)]
         vals = ([local_value(c.value()) for c in cts]
                 + [local_value(self._region_input(region, inp)) for inp in inputs[len(cts):]])
@@ -838,20 +863,22 @@ class StepRun:
             if self.mode == COEXEC and not (self.node.fetch_after and key in self.node.needed):
                 self.graph.note_fetch(self.node, key)  # unplanned: next graph cuts here
                 planned = False
-        if self.telemetry is None:
+        if self.telemetry is None and not profiler.active():
             v = local_value(ph.value())
             _wait_ready(v, self.stats)
             return v
         start, waited = time.perf_counter_ns(), self.stats.wait_seconds
-        v = local_value(ph.value())
-        _wait_ready(v, self.stats)
-        self._fetch_event(ph, start, self.stats.wait_seconds - waited, planned)
+        with profiler.span("terra fetch", where=user_location()) if profiler.active() else profiler.OFF:
+            v = local_value(ph.value())
+            _wait_ready(v, self.stats)
+        if self.telemetry is not None:
+            self._fetch_event(ph, start, self.stats.wait_seconds - waited, planned)
         return v
 
     def _fetch_event(self, ph: Placeholder, start: int, wait_s: float, planned: bool) -> None:
         """Where the user fetched (file:line, variable name) and what it waited for."""
         frame = user_frame()
-        data = {"wait_us": wait_s * 1e6, "planned": planned,
+        data = {"wait_us": wait_s * 1e6, "planned": planned, "in_step": self.active,
                 "where": "<unknown>" if frame is None else
                 f"{frame.f_code.co_filename}:{frame.f_lineno}"}
         if frame is not None:
@@ -885,8 +912,6 @@ class StepRun:
         elif self.mode in (TRACING, FALLBACK):
             if self.mode == TRACING:
                 self.stats.traced += 1
-            else:
-                self.stats.coexecuted += 1
             self.rec.returned = returned
             self.graph.merge(self.rec)
         self._release()
@@ -895,7 +920,7 @@ class StepRun:
     def abort(self) -> None:
         """The step raised: nothing is learned; held placeholders stay resolvable."""
         self.active = False
-        if self.mode in (COEXEC, FALLBACK):
+        if self.mode == COEXEC:
             self.stats.coexecuted += 1
         elif self.mode == TRACING:
             self.stats.traced += 1

@@ -8,6 +8,7 @@
 | TERRA_EXPLAIN | a flag | print the explain report of every step function at exit |
 | TERRA_TRACE | a file path (its directory exists) | write a Chrome trace timeline there |
 | TERRA_TELEMETRY | PORT or HOST:PORT | serve the live event stream |
+| TERRA_PROMETHEUS | PORT or HOST:PORT | serve Prometheus metrics (`/metrics`) |
 | TERRA_CACHE_DIR | a directory | persistent cache of graphs and executables |
 | TERRA_EXECUTOR | grpc://HOST:PORT or grpcs://HOST:PORT | run graphs in `terra serve` |
 | TERRA_EXECUTOR_TOKEN_FILE | a file path | the token that server requires |
@@ -145,6 +146,7 @@ VARIABLES = (
     _Variable("TERRA_EXPLAIN", "explain", parse_flag),
     _Variable("TERRA_TRACE", "trace", parse_trace),
     _Variable("TERRA_TELEMETRY", "telemetry", parse_telemetry),
+    _Variable("TERRA_PROMETHEUS", "prometheus", parse_telemetry),
     _Variable("TERRA_CACHE_DIR", "cache_dir", parse_directory),
     _Variable("TERRA_EXECUTOR", "executor", parse_executor),
     _Variable("TERRA_EXECUTOR_TOKEN_FILE", "executor_token_file", parse_path),
@@ -163,6 +165,7 @@ class Config:
     explain: bool = False
     trace: str | None = None
     telemetry: str | None = None
+    prometheus: str | None = None
     cache_dir: str | None = None
     executor: str = ""
     executor_token_file: str | None = None

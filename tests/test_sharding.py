@@ -88,7 +88,7 @@ def test_sharding_change_between_steps_is_a_new_path_not_an_error(cases):
     # steps 0-1 trace, 2-4 co-execute, 5-6 fall back while the new path is
     # learned, 7-8 co-execute again
     _assert_like_eager(case, fallbacks=stats["fallbacks"])
-    assert stats["fallbacks"] <= 2 and stats["coexecuted"] == 7, stats
+    assert stats["fallbacks"] <= 2 and stats["coexecuted"] + stats["fallbacks"] == 7, stats
 
 
 def test_coexecuted_sharded_steps_make_no_host_transfers(cases):

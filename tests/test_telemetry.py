@@ -22,7 +22,7 @@ import pytest
 
 import terra
 from terra import telemetry
-from terra.telemetry import events, stream, watch
+from terra.telemetry import events, profiler, stream, watch
 from terra.telemetry.explain import ExplainSink
 
 HERE = os.path.abspath(__file__)
@@ -39,6 +39,7 @@ def _line_of(text: str) -> str:
 
 
 BRANCH = _line_of("if loss > threshold:")
+IF_BRANCH = _line_of("updates, opt_state = opt.update(grads, opt_state, params)")
 ELSE_BRANCH = _line_of("grads = jax.tree.map(lambda g: 0.1 * g, grads)")  # new path: divergence
 
 
@@ -133,7 +134,8 @@ def test_timeline_json_of_a_real_program(tmp_path):
     assert any(e["args"]["wait_us"] > 0 for e in fetches)
     diverged = by_cat[("i", "divergence")]
     assert diverged and diverged[0]["args"]["where"] == ELSE_BRANCH
-    assert "expected" in diverged[0]["args"]["reason"]
+    assert diverged[0]["args"]["cause"] == "branch"
+    assert "the step took a path not seen before" in diverged[0]["args"]["reason"]
 
     # Flows link fetches to the segment that computed the value.
     starts = {e["id"]: e for e in trace if e["ph"] == "s"}
@@ -160,8 +162,12 @@ def test_explain_names_sync_points_and_divergences():
     assert BRANCH in text and "`if loss > threshold:`" in text
     assert f"{STEPS} fetches in {STEPS} steps" in text
     assert "divergences" in text
-    div_line = next(line for line in text.splitlines() if ELSE_BRANCH in line)
-    assert "`grads = jax.tree.map(lambda g: 0.1 * g, grads)`: expected" in div_line
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if ELSE_BRANCH in line)
+    assert "`grads = jax.tree.map(lambda g: 0.1 * g, grads)`" in lines[at]
+    # The user's call, and what the graph expected there, at the line that recorded it.
+    assert "Python called `multiply` (jit) where the graph expected" in lines[at + 1]
+    assert f"(recorded at {IF_BRANCH})" in lines[at + 1], lines[at + 1]
     assert "advice:" in text and "jnp.where" in text
     assert "compiles:" in text and "graph:" in text
 
@@ -311,7 +317,7 @@ def test_ring_buffer_bounds_memory_and_counts_drops():
         rec.instant(events.DIVERGENCE, "f", i, {"where": "x.py:1", "reason": "r"})
     assert len(rec._buffer) == 100 and rec.dropped == 900
     rec.close()
-    assert sum(sink.aggregate("f").divergences.values()) == 100
+    assert sum(site.count for site in sink.aggregate("f").divergences.values()) == 100
 
 
 def test_off_collects_nothing():
@@ -319,3 +325,179 @@ def test_off_collects_nothing():
     step = terra.function(fn)
     run_loop(step, params0, opt_state0, steps=4)
     assert events.recorder is None and telemetry.report(step.telemetry_name) == ""
+
+
+_WATCHED = '''
+import os, sys, time
+import jax.numpy as jnp
+import terra
+
+@terra.function
+def train_step(w, x):
+    return w - 0.1 * jnp.mean(w * x)
+
+w, x = jnp.ones(3), jnp.arange(3.0)
+deadline = time.monotonic() + 60
+while not os.path.exists(sys.argv[1]) and time.monotonic() < deadline:  # until watched
+    w = train_step(w, x)
+    time.sleep(0.01)
+print("program done", flush=True)
+'''
+
+
+def _lines(pipe, into: list, seen: threading.Event, marker: str) -> threading.Thread:
+    def read():
+        for line in pipe:
+            into.append(line)
+            if marker in line:
+                seen.set()
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return t
+
+
+def test_watch_and_program_both_end_when_the_program_ends(tmp_path):
+    script, sentinel = tmp_path / "watched.py", tmp_path / "watched-now"
+    script.write_text(_WATCHED)
+    env = {**os.environ, "PYTHONPATH": ROOT, "TERRA_TELEMETRY": "127.0.0.1:0"}
+    program = subprocess.Popen([sys.executable, str(script), str(sentinel)], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    watcher = None
+    try:
+        err_lines, serving = [], threading.Event()
+        _lines(program.stderr, err_lines, serving, "telemetry stream on")
+        assert serving.wait(60), "".join(err_lines)
+        address = next(l for l in err_lines if "telemetry stream on" in l).split()[4]
+        watcher = subprocess.Popen([sys.executable, "-m", "terra", "watch", address,
+                                    "--interval", "0.2"], env=env, text=True, cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out_lines, shows_steps = [], threading.Event()
+        reader = _lines(watcher.stdout, out_lines, shows_steps, "train_step ")
+        assert shows_steps.wait(60), "".join(out_lines)
+        sentinel.touch()                                  # the program finishes now
+        out, _ = program.communicate(timeout=30)          # ... and is not kept alive
+        assert program.returncode == 0 and out.strip().endswith("program done")
+        assert watcher.wait(timeout=30) == 0              # the watch ends with it
+        reader.join(timeout=5)
+        assert "(the program's stream ended)" in "".join(out_lines)
+    finally:
+        for proc in (program, watcher):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+TABLE = jnp.ones((50, 8))
+
+
+def embed_step(w, ids):
+    emb = jnp.take(TABLE, ids, axis=0)  # the lookup whose shape changes
+    return w - 0.01 * jnp.mean(emb @ w)
+
+
+LOOKUP = _line_of("emb = jnp.take(TABLE, ids, axis=0)")
+
+
+def _run_lengths(step, lengths):
+    w = jnp.ones((8, 8))
+    for n in lengths:
+        w = step(w, jnp.arange(n) % 50)
+    return w
+
+
+def test_divergence_names_the_call_and_the_shape_that_changed(monkeypatch):
+    monkeypatch.setenv("TERRA_SYNC_COMPILE", "1")
+    telemetry.enable()
+    lengths = [8] * 6 + [(8, 16, 24, 32)[i % 4] for i in range(24)]   # bucketed to 4 lengths
+    step = terra.function(embed_step)
+    w = _run_lengths(step, lengths)
+    np.testing.assert_allclose(w, _run_lengths(embed_step, lengths), rtol=1e-5)
+    s = step.stats()
+    assert s.steps == s.traced + s.coexecuted + s.fallbacks + s.eager, s
+    assert s.fallbacks == s.divergences == 3 and s.coexecuted >= 20, s
+    assert "`_take` (jit) was called with a new shape (argument 2: int32[8] -> int32[16])" \
+        in s.last_divergence.replace("int32[24]", "int32[16]").replace("int32[32]", "int32[16]")
+    text = terra.explain(step)
+    assert f"{LOOKUP}  `emb = jnp.take(TABLE, ids, axis=0)  #" in text and "`  x3" in text, text
+    # Four buckets are learned once each: nothing to act on, so no advice to pad.
+    assert "3 variants so far, each learned once" in text and "pad them" not in text, text
+
+
+def test_advice_to_pad_only_when_shapes_keep_changing(monkeypatch):
+    monkeypatch.setenv("TERRA_SYNC_COMPILE", "1")
+    telemetry.enable()
+    lengths = [5] * 6 + list(range(6, 20))                          # a new length every step
+    step = terra.function(embed_step, max_graphs=100)
+    w = _run_lengths(step, lengths)
+    np.testing.assert_allclose(w, _run_lengths(embed_step, lengths), rtol=1e-5)
+    text = terra.explain(step)
+    advice = text.split("advice:")[1]
+    assert f"at {LOOKUP} the step keeps meeting new variants" in advice, text
+    assert "pad them to a few fixed sizes" in advice
+
+
+def _scrape(address: str) -> dict:
+    """{(metric sample name, labels...): value} from the endpoint, parsed by prometheus_client."""
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, *sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_prometheus_endpoint_counts_what_stats_count():
+    telemetry.enable(prometheus="127.0.0.1:0")
+    address = telemetry.prometheus_address()
+    params0, opt_state0, fn = make_program()
+    step = terra.function(fn)
+    run_loop(step, params0, opt_state0)
+    step.wait_for_graph(60)
+    events.recorder.flush()
+    m, s, name = _scrape(address), step.stats(), step.telemetry_name
+    fn_label = ("function", name)
+
+    def steps(phase):
+        return m.get(("terra_steps_total", fn_label, ("phase", phase)), 0)
+
+    assert (steps("tracing"), steps("coexec"), steps("fallback")) == \
+        (s.traced, s.coexecuted, s.fallbacks), (m, s)
+    assert s.coexecuted > 0 and s.fallbacks >= 1
+    assert m[("terra_step_seconds_count", fn_label, ("phase", "coexec"))] == s.coexecuted
+    assert m[("terra_fetches_total", fn_label)] == s.fetches
+    assert m[("terra_sync_points_total", fn_label)] == s.fetch_waits > 0
+    assert m[("terra_fetch_wait_seconds_count", fn_label)] == s.fetch_waits
+    causes = {k[1][1]: v for k, v in m.items() if k[0] == "terra_divergences_total"}
+    assert sum(causes.values()) == s.divergences and causes["branch"] >= 1, causes
+    assert m[("terra_fallbacks_total", fn_label)] == s.fallbacks
+    assert m[("terra_compiles_total", fn_label)] == s.compiles >= 1
+    telemetry.disable()
+    with pytest.raises(OSError):  # closed with telemetry: nothing left listening
+        _scrape(address)
+
+
+def test_profiler_trace_shows_terra_next_to_xla(tmp_path, monkeypatch):
+    import glob
+    import gzip
+    monkeypatch.setenv("TERRA_SYNC_COMPILE", "1")
+    params, opt_state, fn = make_program()
+    step = terra.function(fn)
+    params, _ = run_loop(step, params, opt_state, steps=6)
+    assert step.wait_for_graph(60)
+    before = step.stats().steps
+    with jax.profiler.trace(str(tmp_path)):
+        params, opt_state, loss = step(params, opt_state, 0.5)
+        params, opt_state, loss = step(params, opt_state, 0.5)
+        jax.block_until_ready(loss)
+    files = glob.glob(str(tmp_path / "plugins/profile/*/*.trace.json.gz"))
+    assert files and glob.glob(str(tmp_path / "plugins/profile/*/*.xplane.pb"))
+    trace = json.load(gzip.open(files[0]))["traceEvents"]
+    name = profiler.annotation_name(step.telemetry_name)
+    steps = [e for e in trace if e.get("name") == name and "step_num" in e.get("args", {})]
+    assert sorted(int(e["args"]["step_num"]) for e in steps) == [before + 1, before + 2]
+    assert {e["args"]["phase"] for e in steps} == {"coexec"}
+    names = {e.get("name", "") for e in trace}
+    fetches = [e for e in trace if e.get("name") == "terra fetch"]
+    assert any(e["args"]["where"] == BRANCH for e in fetches)        # the sync point's line
+    assert "terra dispatch" in names                                 # the executor lane
+    assert any(n.startswith(("dot", "fusion", "wrapped_")) or "_fusion" in n for n in names)  # XLA's ops

@@ -11,11 +11,14 @@ import linecache
 import threading
 from dataclasses import dataclass, field
 
+from terra.telemetry import divergence
 from terra.telemetry.events import (
     COMPILE, DIVERGENCE, FETCH, GAVE_UP, INTERNAL_ERROR, STEP, Event,
 )
 
 _EVERY = 10  # the "do it every k-th step" the advice suggests
+_FEW = 6     # this many variants of a divergence are learned once each; more keep coming
+_KEYS = 64   # distinct variants remembered per divergence site
 
 
 @dataclass
@@ -25,9 +28,31 @@ class FetchSite:
     waits: int = 0            # fetches that found the value not computed yet: sync points
     wait_us: float = 0.0
     steps: int = 0            # distinct steps that fetched here
+    in_step: bool = False     # fetched inside the step function (not by the loop around it)
     last_step: int = -1
     names: collections.Counter = field(default_factory=collections.Counter)
     ops: collections.Counter = field(default_factory=collections.Counter)
+
+
+@dataclass
+class DivergenceSite:
+    """Every divergence at one line of user code for one cause."""
+    count: int = 0
+    reason: str = ""          # the latest one's
+    keys: set = field(default_factory=set)   # distinct things Python did instead (bounded)
+    new_keys: int = 0         # divergences that brought a key not seen before here
+
+    def add(self, reason: str, key: str) -> None:
+        self.count += 1
+        self.reason = reason
+        if key not in self.keys and len(self.keys) < _KEYS:
+            self.keys.add(key)
+            self.new_keys += 1
+
+    @property
+    def churning(self) -> bool:
+        """New variants keep coming: Terra cannot learn them all (a few it learns once each)."""
+        return len(self.keys) >= _FEW and 2 * self.new_keys >= self.count
 
 
 @dataclass
@@ -38,7 +63,7 @@ class FunctionAggregate:
     coexec_us: float = 0.0
     coexec_wait_us: float = 0.0
     fetch_sites: dict = field(default_factory=dict)        # "file:line" -> FetchSite
-    divergences: collections.Counter = field(default_factory=collections.Counter)  # (where, reason)
+    divergences: dict = field(default_factory=dict)        # (where, cause) -> DivergenceSite
     internal_errors: collections.Counter = field(default_factory=collections.Counter)
     compile_us: list = field(default_factory=list)
     graph: dict = field(default_factory=dict)               # the last compiled graph's size
@@ -70,7 +95,7 @@ class ExplainSink:
 def _on_step(agg: FunctionAggregate, ev: Event, data: dict) -> None:
     phase = data.get("phase", "?")
     agg.phases[phase] += 1
-    if phase in ("coexec", "fallback"):
+    if phase == "coexec":
         agg.coexec_steps += 1
         agg.coexec_us += ev.dur_ns / 1000
         agg.coexec_wait_us += data.get("wait_us", 0.0)
@@ -79,6 +104,7 @@ def _on_step(agg: FunctionAggregate, ev: Event, data: dict) -> None:
 def _on_fetch(agg: FunctionAggregate, ev: Event, data: dict) -> None:
     site = agg.fetch_sites.setdefault(data.get("where", "<unknown>"), FetchSite())
     site.fetches += 1
+    site.in_step = site.in_step or bool(data.get("in_step"))
     if ev.step != site.last_step:
         site.steps += 1
         site.last_step = ev.step
@@ -93,7 +119,9 @@ def _on_fetch(agg: FunctionAggregate, ev: Event, data: dict) -> None:
 
 
 def _on_divergence(agg: FunctionAggregate, ev: Event, data: dict) -> None:
-    agg.divergences[(data.get("where", "<unknown>"), data.get("reason", "?"))] += 1
+    site = (data.get("where", "<unknown>"), data.get("cause", "?"))
+    agg.divergences.setdefault(site, DivergenceSite()).add(data.get("reason", "?"),
+                                                          data.get("key", ""))
 
 
 def _on_compile(agg: FunctionAggregate, ev: Event, data: dict) -> None:
@@ -120,8 +148,8 @@ def source_line(where: str) -> str:
     return linecache.getline(path, int(line)).strip() if line.isdigit() else ""
 
 
-def render(fn: str, agg: FunctionAggregate | None) -> str:
-    """The explain report of one step function."""
+def render(fn: str, agg: FunctionAggregate | None, hybrid: list[str] = ()) -> str:
+    """The explain report of one step function; `hybrid`: its hybridization lines."""
     lines = [f"terra explain: {fn}"]
     if agg is None or not agg.phases:
         lines.append("  no steps recorded")
@@ -153,17 +181,43 @@ def render(fn: str, agg: FunctionAggregate | None) -> str:
                          f"mean wait {mean:.3f} ms")
     if agg.divergences:
         lines.append("  divergences (each finished its step eagerly and taught the graph a new path):")
-        for (where, reason), n in agg.divergences.most_common():
-            lines.append(f"    {where}  `{source_line(where)}`: {reason}  x{n}")
+        for (where, cause), site in _by_count(agg.divergences):
+            lines.append(f"    {where}  `{source_line(where)}`  x{site.count}")
+            lines.append(f"        {site.reason}")
+            if len(site.keys) > 1 and not site.churning:
+                lines.append(f"        {len(site.keys)} variants so far, each learned once "
+                             "(an eager step and a compile each): nothing to change")
     for what, n in agg.internal_errors.most_common():
         lines.append(f"  internal error (step finished eagerly) x{n}: {what}")
     if agg.gave_up:
         lines.append(f"  stays eager: {agg.gave_up}")
+    lines.extend(hybrid)
     advice = _advice(agg)
     if advice:
         lines.append("  advice:")
         lines.extend(f"    - {a}" for a in advice)
     return "\n".join(lines)
+
+
+def _by_count(sites: dict) -> list:
+    return sorted(sites.items(), key=lambda kv: -kv[1].count)
+
+
+def _churn_advice(where: str, cause: str, site: DivergenceSite) -> str:
+    """What to change where new variants keep arriving (each costs an eager step)."""
+    what = (f"at {where} the step keeps meeting new variants ({len(site.keys)} distinct in "
+            f"{site.count} divergences; each costs an eager step and a compile)")
+    if cause == divergence.SHAPE:
+        return (f"{what}: the shapes keep changing; pad them to a few fixed sizes "
+                "(e.g. round lengths up to a multiple of 32) so the graph can learn them all")
+    if cause == divergence.VALUE:
+        return (f"{what}: a Python number baked into the op keeps changing; pass it as an array "
+                "(jnp.asarray(x)) so it is fed instead of baked")
+    if cause == divergence.BRANCH:
+        return (f"{what}: Python keeps choosing new paths here; if a Python value (a counter, "
+                "a random choice) selects the ops, compute both with jnp.where / jax.lax.cond "
+                "so the path stays the same")
+    return f"{what}: {site.reason}"
 
 
 def _advice(agg: FunctionAggregate) -> list[str]:
@@ -194,11 +248,9 @@ def _advice(agg: FunctionAggregate) -> list[str]:
         else:
             out.append(f"{what}: keep it as an array (e.g. append the array and convert after the "
                        f"loop), or convert every {_EVERY}th step to remove {share:.0f}% of the waits")
-    for (where, reason), n in agg.divergences.most_common(3):
-        if n >= 3 and n * 10 >= steps:
-            out.append(f"the path changes often at {where} ({reason}, {n} times): each change "
-                       "costs an eager step; if a Python value or a shape decides the path, make it "
-                       "an array input or bucket the shapes")
+    for (where, cause), site in _by_count(agg.divergences)[:3]:
+        if site.churning and site.count * 10 >= steps:
+            out.append(_churn_advice(where, cause, site))
     if agg.gave_up:
         out.append("raise terra.function(max_graphs=...) if the new paths are few and stable, "
                    "or remove what changes the graph every step (see the divergences above)")

@@ -8,6 +8,10 @@ from dataclasses import asdict, dataclass
 class Stats:
     """What happened to one `terra.function` so far.
 
+    Every call is counted once in `steps` and once in exactly one of `traced`,
+    `coexecuted`, `fallbacks` or `eager` (a call Terra failed in mid-step counts
+    in `internal_errors` instead).
+
     Example:
         >>> s = train_step.stats()
         >>> s.coexecuted, s.fallbacks, s.compiles        # doctest: +SKIP
@@ -15,9 +19,9 @@ class Stats:
 
     steps: int = 0            # calls
     traced: int = 0           # steps run eagerly while recording a trace
-    coexecuted: int = 0       # steps started in co-execution (incl. ones that diverged)
-    divergences: int = 0      # co-executed steps where Python did something new
-    fallbacks: int = 0        # steps finished eagerly after a divergence
+    coexecuted: int = 0       # steps co-executed to their end (the graph ran them)
+    divergences: int = 0      # steps where Python left the graph's path
+    fallbacks: int = 0        # steps that started co-executed, diverged and finished eagerly
     compiles: int = 0         # graphs generated and compiled (one per TraceGraph version)
     segments_compiled: int = 0
     segments_dispatched: int = 0
@@ -29,7 +33,7 @@ class Stats:
     cone_evaluations: int = 0 # values computed eagerly because no segment produced them
     eager: int = 0            # steps run without Terra (disabled, given up, nested)
     internal_errors: int = 0  # Terra failures that fell back to eager
-    step_seconds: float = 0.0 # wall time inside step calls (co-executed steps only)
+    step_seconds: float = 0.0 # wall time inside steps that started co-executed (coexecuted + fallbacks)
     wait_seconds: float = 0.0 # of which Python was blocked waiting for the graph
     paths: int = 0            # distinct step endings in the TraceGraph
     resumed: bool = False     # the TraceGraph was loaded from TERRA_CACHE_DIR

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import threading
+import time
 from concurrent import futures
 from typing import Iterator
 
@@ -21,6 +22,7 @@ from terra.telemetry.events import Event
 _QUEUE = 1 << 14          # events buffered per subscriber
 _POLL_S = 0.25            # how often a stream checks that its client is still there
 _MAX_SUBSCRIBERS = 8
+_DRAIN_S = 1.0            # at close, how long subscribers get to receive the last events
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -47,6 +49,28 @@ def to_proto(ev: Event, origin_ns: int, dropped: int = 0) -> telemetry_pb2.Event
         elif value is not None:
             msg.labels[key] = str(value)
     return msg
+
+
+class _DaemonThreads(futures.Executor):
+    """Runs each RPC on its own daemon thread.
+
+    Interpreter exit joins non-daemon threads before it runs `atexit` handlers
+    (which close the server): with a thread pool's workers, a subscribed
+    dashboard would keep the program alive until it disconnected.
+    """
+
+    def submit(self, fn, /, *args, **kwargs) -> futures.Future:
+        future: futures.Future = futures.Future()
+
+        def run() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as err:  # handed to gRPC through the future
+                    future.set_exception(err)
+
+        threading.Thread(target=run, name="terra-telemetry-rpc", daemon=True).start()
+        return future
 
 
 class _Subscriber:
@@ -81,8 +105,7 @@ class StreamSink(telemetry_pb2_grpc.TelemetryServicer):
         self._subscribers: list[_Subscriber] = []
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._server = grpc.server(futures.ThreadPoolExecutor(
-            max_workers=_MAX_SUBSCRIBERS, thread_name_prefix="terra-telemetry-rpc"))
+        self._server = grpc.server(_DaemonThreads(), maximum_concurrent_rpcs=_MAX_SUBSCRIBERS)
         telemetry_pb2_grpc.add_TelemetryServicer_to_server(self, self._server)
         bound = self._server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
@@ -99,14 +122,18 @@ class StreamSink(telemetry_pb2_grpc.TelemetryServicer):
             sub.offer(events)
 
     def close(self) -> None:
+        """End every stream after its last events (bounded), then stop serving."""
         self._closed.set()
-        self._server.stop(None).wait(2)  # no grace: no helper thread outlives us
+        deadline = time.monotonic() + _DRAIN_S
+        while self._subscribers and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._server.stop(None).wait(2)
 
     # -- the service -------------------------------------------------------------
     def Subscribe(self, request, context) -> Iterator[telemetry_pb2.Event]:
         sub = _Subscriber(request.function)
         with self._lock:
-            if len(self._subscribers) >= _MAX_SUBSCRIBERS - 1:  # keep a worker free
+            if len(self._subscribers) >= _MAX_SUBSCRIBERS - 1:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"at most {_MAX_SUBSCRIBERS - 1} subscribers")
             self._subscribers.append(sub)
@@ -114,6 +141,8 @@ class StreamSink(telemetry_pb2_grpc.TelemetryServicer):
             while context.is_active() and not self._closed.is_set():
                 for ev in sub.take(_POLL_S):
                     yield to_proto(ev, self._origin_ns, sub.dropped)
+            for ev in sub.take(0):  # closed: what the program emitted last, then the end
+                yield to_proto(ev, self._origin_ns, sub.dropped)
         finally:
             with self._lock:
                 self._subscribers.remove(sub)
