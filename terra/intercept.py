@@ -57,11 +57,12 @@ class Handler(Protocol):
 class TerraTrace(core.Trace):
     """One interpretation: forward every primitive to the step's handler."""
 
-    __slots__ = ("handler",)
+    __slots__ = ("handler", "parent")
 
     def __init__(self, handler: Handler | None):
         super().__init__()
         self.handler = handler  # the running step's; swapped for each step
+        self.parent = core.eval_trace  # the trace eager would run the step under
 
     def process_primitive(self, prim, tracers, params, /):
         return self.handler.apply(self, prim, tracers, params)
@@ -450,7 +451,28 @@ pjit._run_python_pjit = _run_python_pjit_fast
 
 def install(trace: TerraTrace):
     """Context manager making `trace` JAX's current trace (this thread only)."""
+    current = core.trace_ctx.trace
+    if current is not trace:
+        trace.parent = current
     return core.set_current_trace(trace)
+
+
+# Libraries compare the opaque trace state a value was created under with the
+# current one (flax's Variables and graph nodes, haiku's frames) to reject
+# values from another trace level. Eager runs the step under the trace the
+# step was called from, so inside a step that is the state they must see.
+def _opaque_trace_state(convention=None):
+    trace = core.trace_ctx.trace
+    if type(trace) is TerraTrace:
+        trace = trace.parent
+    return core.OpaqueTraceState(trace._weakref)
+
+
+def install_trace_state_hook() -> None:
+    """Make Terra's trace invisible to `get_opaque_trace_state` callers."""
+    import jax.extend.core as jex_core
+    jex_core.get_opaque_trace_state = _opaque_trace_state
+    core.get_opaque_trace_state = _opaque_trace_state
 
 
 def bind_op(prim: Primitive, args: Any, params: dict) -> Any:
