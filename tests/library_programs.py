@@ -54,6 +54,16 @@ def by_path(tree) -> dict:
     return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def digest(tree) -> str:
+    """A one-line summary of a state pytree (float sum, integer sum), printed
+    after every step so the state is compared step by step, not only at the end."""
+    leaves = [v for v in jax.tree.leaves(tree)
+              if hasattr(v, "dtype") and not jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)]
+    floats = sum(float(jnp.abs(v).sum()) for v in leaves if jnp.issubdtype(v.dtype, jnp.inexact))
+    ints = sum(int(v.sum()) for v in leaves if jnp.issubdtype(v.dtype, jnp.integer))
+    return f"{floats:.5f}/{ints}"
+
+
 # ---------------------------------------------------------------- Flax NNX
 
 def _nnx_model(rngs, width: int = 16):
@@ -103,7 +113,7 @@ def nnx_train(wrap, steps: int = 10):
     for i, (x, y) in enumerate(batches(steps)):
         loss = train_step(model, optimizer, metrics, x, y)
         losses.append(loss)
-        print(f"step {i} loss {float(loss):.5f}")
+        print(f"step {i} loss {float(loss):.5f} state {digest(nnx.state((model, optimizer)))}")
         if i % 4 == 3:
             print({k: f"{float(v):.5f}" for k, v in metrics.compute().items()})
             metrics.reset()
@@ -268,7 +278,8 @@ def eqx_train(wrap, steps: int = 10):
         key, sub = jax.random.split(key)
         model, state, opt_state, loss, acc = train_step(model, state, opt_state, x, y, sub)
         out.append((loss, acc))
-        print(f"step {i} loss {float(loss):.5f} accuracy {float(acc):.3f}")
+        print(f"step {i} loss {float(loss):.5f} accuracy {float(acc):.3f} "
+              f"state {digest((eqx.filter(model, eqx.is_array), state, opt_state))}")
     return out, by_path([eqx.filter(model, eqx.is_array), state, opt_state])
 
 
@@ -338,7 +349,8 @@ def haiku_train(wrap, steps: int = 10):
         params, state, opt_state, loss, logits = train_step(params, state, opt_state, x, y,
                                                             next(rng))
         out.append(loss)
-        print(f"step {i} loss {float(loss):.5f} top {int(jnp.argmax(logits[0]))}")
+        print(f"step {i} loss {float(loss):.5f} top {int(jnp.argmax(logits[0]))} "
+              f"state {digest((params, state, opt_state))}")
     return out, [params, state, opt_state, next(rng)]
 
 

@@ -34,3 +34,29 @@ def test_nnx_step_that_changes_layer_shapes():
     res = check("nnx_shape_change", min_coexecuted=2)
     assert "width 12" in res.eager.stdout and "width 8" in res.eager.stdout
     assert res.stats.divergences >= 1, res.describe()
+
+
+def test_cli_runs_unmodified_nnx_script(tmp_path):
+    # `python -m terra run --step train_step examples/nnx_mlp.py` prints what the
+    # script prints eagerly, and its train_step co-executed.
+    import contextlib
+    import io
+    import json
+
+    import harness
+    from test_examples import _REPORT_STATS, _run
+
+    eager = io.StringIO()
+    with contextlib.redirect_stdout(eager):
+        harness.load_program("nnx_mlp").main(10)
+    (tmp_path / "sitecustomize.py").write_text(_REPORT_STATS)
+    env = {"TERRA_STRICT": "1", "TERRA_SYNC_COMPILE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH"))
+                                         if p)}
+    under_terra = _run(["-m", "terra", "run", "--step", "train_step",
+                        os.path.join("examples", "nnx_mlp.py"), "--steps", "10"], env)
+    assert "step 10 loss" in eager.getvalue()
+    harness.assert_same_text(eager.getvalue(), under_terra.stdout, "stdout of the CLI run")
+    stats = json.loads([line for line in under_terra.stderr.splitlines()
+                        if line.startswith("TERRA_STATS ")][-1].split(" ", 1)[1])
+    assert stats["steps"] == 10 and stats["coexecuted"] > 0, stats
