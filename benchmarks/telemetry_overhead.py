@@ -9,7 +9,7 @@ setting is switched between windows of N steps (interleaved, R rounds, the
 order rotated each round), so all settings run the same steps of the same process.
 Short windows, many rounds: settings measured far apart in time differ for
 reasons of their own on a shared machine (and a co-executed step used to
-drift slower over hundreds of steps; see README, Measurements). Reported: medians of the
+drift slower over hundreds of steps; see benchmarks/RESULTS.md). Reported: medians of the
 per-step time (each step fetches its loss, as a logging loop does) and the
 overhead in percent, for co-executed steps and for tracing steps (the first,
 recorded call of a fresh step function, off vs all).

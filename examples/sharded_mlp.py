@@ -266,7 +266,7 @@ def main(argv=None):
     parser.add_argument("--coordinator", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     # One device per process with several: XLA's CPU collectives intermittently hang with
-    # more (eager JAX alone, on a 2-core machine; see README).
+    # more (eager JAX alone, on a 2-core machine; see docs/sharding.md).
     ensure_devices(args.devices or (1 if args.processes > 1 else 8))
 
     if args.processes > 1 and args.process_id is None:

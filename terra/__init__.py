@@ -1,7 +1,7 @@
 """Terra: imperative-symbolic co-execution for JAX.
 
 `terra.function` runs an unmodified eager training step at compiled-graph
-speed; see README.md and DESIGN.md for how.
+speed; see README.md and docs/design.md for how.
 """
 from runtime.executor import TerraExecutorError
 from terra import telemetry
