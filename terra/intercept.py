@@ -52,6 +52,7 @@ class Handler(Protocol):
     def replay_operator(self, name: str, values: tuple) -> Any: ...
     def operator_mark(self) -> int: ...
     def note_operator(self, mark: int, name: str, values: tuple, result: Any) -> None: ...
+    def internal_failure(self, err: BaseException, doing: str) -> None: ...
 
 
 class TerraTrace(core.Trace):
@@ -103,6 +104,15 @@ class TerraTrace(core.Trace):
                 return self._apply_staged(primitive, tracers, staged)
         with core.set_current_trace(self):
             return fun.call_wrapped(*tracers)
+
+    # Mutable hijax values (e.g. flax Variables made with `hijax=True`) keep
+    # per-trace state that Terra cannot stage: the step finishes eagerly.
+    def cur_qdd(self, x):
+        self.handler.internal_failure(
+            NotImplementedError("jax.experimental.cur_qdd: a mutable hijax value (flax "
+                                "Variable with hijax=True) is not supported"),
+            "reading a hijax value's state")
+        return x.cur_qdd()
 
     def _apply_staged(self, primitive, tracers, staged):
         params, consts, n_outs = staged

@@ -14,6 +14,7 @@ pipeline feeds them.
 from __future__ import annotations
 
 import json
+import linecache
 import os
 import re
 from importlib import metadata
@@ -217,6 +218,26 @@ def nnx_shape_change(wrap, steps: int = 12):
         losses.append(train_step(model, x, y, i))
         print(f"step {i} loss {float(losses[-1]):.5f} width {model.hidden.out_features}")
     return losses, _nnx_state(model)
+
+
+def nnx_hijax(wrap, steps: int = 4):
+    """Variables created with hijax=True (mutable hijax state) read and written in the step."""
+    from flax import nnx
+
+    with nnx.var_defaults(hijax=True):
+        model = nnx.Linear(FEATURES, CLASSES, rngs=nnx.Rngs(0))
+
+    @wrap(strict=False)
+    def train_step(model, x):
+        out = model(x).mean()
+        model.kernel[...] = model.kernel[...] * 0.9
+        return out
+
+    outs = []
+    for x, _ in batches(steps):
+        outs.append(train_step(model, x))
+        print(f"out {float(outs[-1]):.5f}")
+    return outs, [by_path(nnx.to_pure_dict(nnx.state(model)))]
 
 
 # ---------------------------------------------------------------- Equinox
@@ -449,6 +470,7 @@ PROGRAMS: dict[str, Program] = {
     "nnx_functional": Program("flax", nnx_functional.__doc__, nnx_functional, 8, "jax.jit"),
     "nnx_branch_on_loss": Program("flax", nnx_branch_on_loss.__doc__, nnx_branch_on_loss, 10),
     "nnx_shape_change": Program("flax", nnx_shape_change.__doc__, nnx_shape_change, 8),
+    "nnx_hijax": Program("flax", nnx_hijax.__doc__, nnx_hijax, 4),
     "eqx_train": Program("equinox", eqx_train.__doc__, eqx_train, 8, "eqx.filter_jit"),
     "eqx_branch_on_loss": Program("equinox", eqx_branch_on_loss.__doc__, eqx_branch_on_loss, 10),
     "haiku_train": Program("dm-haiku", haiku_train.__doc__, haiku_train, 8, "jax.jit"),
@@ -477,6 +499,7 @@ def _record(name: str, program: Program, res: harness.Differential) -> None:
         program=name, library=program.library, version=metadata.version(program.library),
         feature=program.feature, steps=res.eager.wrap.calls,
         coexecuted=res.stats.coexecuted, fallbacks=res.stats.fallbacks,
+        eager=res.eager.wrap.calls - res.stats.coexecuted - res.stats.traced,
         divergences=sorted({_short(s.last_divergence) for s in stats if s.last_divergence}),
         warnings=sorted({w for w in res.terra.warnings if w.startswith("TerraWarning")}),
     )
@@ -485,5 +508,10 @@ def _record(name: str, program: Program, res: harness.Differential) -> None:
 
 
 def _short(divergence: str) -> str:
-    """`/abs/path/file.py:12: reason` -> `file.py:12: reason`."""
-    return re.sub(r"^\S*/", "", divergence)
+    """`/abs/path/file.py:12: reason` -> `file.py:12 `<source line>`: reason`."""
+    match = re.match(r"^(\S*/)?([^/\s]+):(\d+): (.*)$", divergence)
+    if match is None:
+        return divergence
+    folder, file, line, reason = match.groups()
+    source = linecache.getline(f"{folder or ''}{file}", int(line)).strip()
+    return f"{file}:{line} {source!r}: {reason}"

@@ -60,3 +60,12 @@ def test_cli_runs_unmodified_nnx_script(tmp_path):
     stats = json.loads([line for line in under_terra.stderr.splitlines()
                         if line.startswith("TERRA_STATS ")][-1].split(" ", 1)[1])
     assert stats["steps"] == 10 and stats["coexecuted"] > 0, stats
+
+
+def test_nnx_hijax_variables_run_eagerly_with_one_warning():
+    # Terra cannot stage mutable hijax state: every step runs eagerly (equal to
+    # eager, no exception eager would not raise) and one TerraWarning names the call.
+    res = check("nnx_hijax", min_coexecuted=0)
+    warned = [w for w in res.terra.warnings if w.startswith("TerraWarning")]
+    assert len(warned) == 1 and "cur_qdd" in warned[0] and "hijax" in warned[0], warned
+    assert res.stats.coexecuted == 0 and res.stats.traced == 0, res.describe()
