@@ -154,7 +154,8 @@ def render(rows: list[dict], failures: list[str]) -> str:
     lines = ["| library | version | works: equal to eager (steps co-executed) "
              "| falls back: steps finished eagerly (why) |", "|---|---|---|---|"]
     for library, programs in libraries.items():
-        works = "<br>".join(f"{_feature(r)} ({r['coexecuted']}/{r['steps']})" for r in programs)
+        works = "<br>".join(f"{_feature(r)} ({r['coexecuted']}/{r['steps']})"
+                            for r in programs if r["coexecuted"]) or "none"
         falls = "<br>".join(_fallback(r) for r in programs if r["fallbacks"] or r["eager"])
         lines.append(f"| {library} | {programs[0]['version']} | {works} | {falls or 'none'} |")
     if failures:
@@ -172,7 +173,7 @@ def _fallback(row: dict) -> str:
         why = "; ".join(row["divergences"])
         parts.append(f"{row['fallbacks']} of {row['steps']} steps finished eagerly ({why})")
     if row["eager"]:
-        why = "; ".join(row["warnings"])
+        why = "; ".join(w.split("; finishing this step eagerly")[0] for w in row["warnings"])
         parts.append(f"{row['eager']} of {row['steps']} steps ran eagerly ({why})")
     return f"`{row['program']}`: " + ", ".join(parts).replace("|", "\\|")
 
@@ -211,10 +212,13 @@ def write_table(table: str) -> None:
         readme.write_text(f"{head}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}")
 
 
-def table() -> int:
+def table(outcomes: tuple[str, str] | None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
-        record, junit = Path(tmp) / "compat.jsonl", Path(tmp) / "junit.xml"
-        code = run_library_tests(record, junit)
+        if outcomes is None:
+            record, junit = Path(tmp) / "compat.jsonl", Path(tmp) / "junit.xml"
+            code = run_library_tests(record, junit)
+        else:  # a pytest run that already recorded them
+            (record, junit), code = map(Path, outcomes), 0
         rows = [json.loads(line) for line in record.read_text().splitlines()] \
             if record.exists() else []
         failures = failed_tests(junit) if junit.exists() else ["(pytest did not run)"]
@@ -228,12 +232,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", action="store_true",
                         help="run tests/test_libraries_*.py and write docs/compatibility.md")
+    parser.add_argument("--outcomes", nargs=2, metavar=("RECORD", "JUNIT"),
+                        help="with --table: render what a pytest run with "
+                             "TERRA_COMPAT_RECORD=RECORD --junitxml=JUNIT recorded")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--programs", default="", help="comma-separated (default: all stageable)")
     args = parser.parse_args()
     if args.table:
-        sys.exit(table())
+        sys.exit(table(args.outcomes))
     from library_programs import PROGRAMS
     names = args.programs.split(",") if args.programs else [
         n for n, p in PROGRAMS.items() if p.jit is not None]

@@ -17,6 +17,7 @@ import threading
 from typing import Any, Callable, Protocol
 
 import jax
+import jax.extend.core as jex_core
 import numpy as np
 from jax._src import (
     api_util, array, config, core, custom_derivatives, dtypes, literals, pjit, source_info_util,
@@ -480,7 +481,6 @@ def _opaque_trace_state(convention=None):
 
 def install_trace_state_hook() -> None:
     """Make Terra's trace invisible to `get_opaque_trace_state` callers."""
-    import jax.extend.core as jex_core
     jex_core.get_opaque_trace_state = _opaque_trace_state
     core.get_opaque_trace_state = _opaque_trace_state
 
