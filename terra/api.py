@@ -31,7 +31,7 @@ from terra import config
 from terra.coexec import COEXEC, TRACING, StepRun, TerraInternalError, TerraWarning
 from terra import cache, generate
 from terra.generate import Program, build_program
-from terra.intercept import TerraTrace, install, install_autodiff_hooks
+from terra.intercept import TerraTrace, install, install_autodiff_hooks, install_trace_state_hook
 from terra import telemetry
 from terra.telemetry import Stats, events, hybrid, profiler
 from terra.telemetry.events import COMPILE, COUNTER, GAVE_UP, INTERNAL_ERROR, STEP
@@ -41,6 +41,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _active = threading.local()  # the StepRun this thread is inside, if any
 install_autodiff_hooks()
+install_trace_state_hook()
 
 
 _names: collections.Counter = collections.Counter()

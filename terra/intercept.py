@@ -17,6 +17,7 @@ import threading
 from typing import Any, Callable, Protocol
 
 import jax
+import jax.extend.core as jex_core
 import numpy as np
 from jax._src import (
     api_util, array, config, core, custom_derivatives, dtypes, literals, pjit, source_info_util,
@@ -52,16 +53,18 @@ class Handler(Protocol):
     def replay_operator(self, name: str, values: tuple) -> Any: ...
     def operator_mark(self) -> int: ...
     def note_operator(self, mark: int, name: str, values: tuple, result: Any) -> None: ...
+    def internal_failure(self, err: BaseException, doing: str) -> None: ...
 
 
 class TerraTrace(core.Trace):
     """One interpretation: forward every primitive to the step's handler."""
 
-    __slots__ = ("handler",)
+    __slots__ = ("handler", "parent")
 
     def __init__(self, handler: Handler | None):
         super().__init__()
         self.handler = handler  # the running step's; swapped for each step
+        self.parent = core.eval_trace  # the trace eager would run the step under
 
     def process_primitive(self, prim, tracers, params, /):
         return self.handler.apply(self, prim, tracers, params)
@@ -102,6 +105,15 @@ class TerraTrace(core.Trace):
                 return self._apply_staged(primitive, tracers, staged)
         with core.set_current_trace(self):
             return fun.call_wrapped(*tracers)
+
+    # Mutable hijax values (e.g. flax Variables made with `hijax=True`) keep
+    # per-trace state that Terra cannot stage: the step finishes eagerly.
+    def cur_qdd(self, x):
+        self.handler.internal_failure(
+            NotImplementedError("jax.experimental.cur_qdd: a mutable hijax value (flax "
+                                "Variable with hijax=True) is not supported"),
+            "reading a hijax value's state")
+        return x.cur_qdd()
 
     def _apply_staged(self, primitive, tracers, staged):
         params, consts, n_outs = staged
@@ -461,7 +473,27 @@ pjit._run_python_pjit = _run_python_pjit_fast
 
 def install(trace: TerraTrace):
     """Context manager making `trace` JAX's current trace (this thread only)."""
+    current = core.trace_ctx.trace
+    if current is not trace:
+        trace.parent = current
     return core.set_current_trace(trace)
+
+
+# Libraries compare the opaque trace state a value was created under with the
+# current one (flax's Variables and graph nodes, haiku's frames) to reject
+# values from another trace level. Eager runs the step under the trace the
+# step was called from, so inside a step that is the state they must see.
+def _opaque_trace_state(convention=None):
+    trace = core.trace_ctx.trace
+    if type(trace) is TerraTrace:
+        trace = trace.parent
+    return core.OpaqueTraceState(trace._weakref)
+
+
+def install_trace_state_hook() -> None:
+    """Make Terra's trace invisible to `get_opaque_trace_state` callers."""
+    jex_core.get_opaque_trace_state = _opaque_trace_state
+    core.get_opaque_trace_state = _opaque_trace_state
 
 
 def bind_op(prim: Primitive, args: Any, params: dict) -> Any:
