@@ -1,5 +1,10 @@
 """Compiled executables on disk, so a restarted job skips XLA compiles.
 
+The cache folder (`cache_directory()`) is TERRA_CACHE_DIR, else
+$XDG_CACHE_HOME/terra, else ~/.cache/terra; TERRA_CACHE=0 switches the
+persistent cache off, `disabled()` switches it off for the compiles of one
+step function (`terra.function(cache=False)`).
+
 `ExecutableStore.compile(lowered)` is `lowered.compile()` backed by a
 directory: the key is a hash of the lowered module's text (which names its
 shapes, shardings and computation) plus the JAX version and the devices, the
@@ -12,6 +17,8 @@ only this user can write (the same holds for the pickled graphs next to it).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import os
 import pickle
@@ -85,14 +92,38 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 _stores: dict[str, ExecutableStore] = {}
 _stores_lock = threading.Lock()
+_enabled = contextvars.ContextVar("terra_executable_store", default=True)
 
 
-def executable_store(cache_dir: str | None = None) -> ExecutableStore | None:
-    """The store under `cache_dir` (default: TERRA_CACHE_DIR), or None when unset."""
-    cache_dir = cache_dir if cache_dir is not None else os.environ.get("TERRA_CACHE_DIR", "")
-    if not cache_dir.strip():
+def cache_directory() -> Path | None:
+    """Terra's persistent cache folder; None when TERRA_CACHE=0 switches it off."""
+    if os.environ.get("TERRA_CACHE", "").strip().lower() in ("0", "false", "no", "off"):
         return None
-    directory = str(Path(cache_dir).expanduser() / "executables")
+    chosen = os.environ.get("TERRA_CACHE_DIR", "").strip()
+    if chosen:
+        return Path(chosen).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or "~/.cache"
+    return Path(base).expanduser() / "terra"
+
+
+@contextlib.contextmanager
+def disabled():
+    """Compiles in this context neither read nor write the executable store."""
+    token = _enabled.set(False)
+    try:
+        yield
+    finally:
+        _enabled.reset(token)
+
+
+def executable_store(cache_dir: str | os.PathLike | None = None) -> ExecutableStore | None:
+    """The store under `cache_dir` (default: `cache_directory()`), or None when it is off."""
+    if not _enabled.get():
+        return None
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_directory()
+    if root is None:
+        return None
+    directory = str(root / "executables")
     with _stores_lock:
         store = _stores.get(directory)
         if store is None:

@@ -25,6 +25,7 @@ import abc
 import atexit
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Protocol, Sequence
 
@@ -50,6 +51,7 @@ class GraphExecutor:
 
     def __init__(self) -> None:
         self._compile = ThreadPoolExecutor(1, thread_name_prefix="terra-compiler")
+        self.compile_workers = os.cpu_count() or 1  # segments of one graph compiled at once
         self._closed = False
         self._lock = threading.Lock()
 
@@ -71,8 +73,8 @@ class GraphExecutor:
         """Lower and compile `fn` for inputs `specs` (runs in the compile thread).
 
         `out_shardings` (None: XLA's choice) places the outputs on a mesh.
-        With TERRA_CACHE_DIR set, executables compiled before (also by an
-        earlier process) are loaded instead of compiled.
+        With the persistent cache on, executables compiled before (also by
+        an earlier process) are loaded instead of compiled.
         """
         shardings = {} if out_shardings is None else {"out_shardings": out_shardings}
         lowered = jax.jit(fn, keep_unused=True, **shardings).lower(*specs)
@@ -108,13 +110,17 @@ class RemoteValue(abc.ABC):
         """The array here, in this process (downloaded once, then cached)."""
 
 
-def wait(future: Future) -> Any:
-    """`future.result()` that stays responsive to KeyboardInterrupt."""
+def wait(future: Future, timeout: float | None = None) -> Any:
+    """`future.result(timeout)` that stays responsive to KeyboardInterrupt."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
+        poll = _TIMEOUT_POLL_S if deadline is None else \
+            min(_TIMEOUT_POLL_S, max(0.0, deadline - time.monotonic()))
         try:
-            return future.result(timeout=_TIMEOUT_POLL_S)
+            return future.result(timeout=poll)
         except TimeoutError:
-            continue
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
 
 
 _default: GraphExecutor | None = None
