@@ -42,6 +42,18 @@ class Executor(Protocol):
     def compile_function(self, fn: Callable, specs: Sequence[jax.ShapeDtypeStruct],
                          out_shardings: Sequence | None = None) -> Callable: ...
     def dispatch(self, job: Callable[[], Any]) -> Future: ...
+    @property
+    def compile_workers(self) -> int:
+        """Segments of one graph compiled at once: the cores other work leaves idle.
+
+        On a loaded machine parallel XLA compiles only slow each other down
+        (measured: benchmarks/segment_compile.py).
+        """
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        return max(1, int(cores - busy))
+
     def compile(self, job: Callable[[], Any]) -> Future: ...
     def shutdown(self) -> None: ...
 
@@ -51,7 +63,6 @@ class GraphExecutor:
 
     def __init__(self) -> None:
         self._compile = ThreadPoolExecutor(1, thread_name_prefix="terra-compiler")
-        self.compile_workers = os.cpu_count() or 1  # segments of one graph compiled at once
         self._closed = False
         self._lock = threading.Lock()
 
@@ -63,6 +74,18 @@ class GraphExecutor:
         except Exception as err:
             future.set_exception(err)
         return future
+
+    @property
+    def compile_workers(self) -> int:
+        """Segments of one graph compiled at once: the cores other work leaves idle.
+
+        On a loaded machine parallel XLA compiles only slow each other down
+        (measured: benchmarks/segment_compile.py).
+        """
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        return max(1, int(cores - busy))
 
     def compile(self, job: Callable[[], Any]) -> Future:
         """Queue a compilation; never blocks the caller."""
