@@ -162,13 +162,13 @@ class Program:
 def runs_ahead_with(node: GraphNode, k: int) -> bool:
     """Whether the graph runs ahead with feed `k` of `node`'s last value.
 
-    Seen once, only a Python number is: a numpy array is mostly host code's
-    result on this step's values (different next step), a number mostly a
-    constant (a scale, an epsilon).
+    Seen once, only a scalar is (a Python number, a 0-d array): a numpy array
+    is mostly host code's result on this step's values (different next step),
+    a scalar mostly a constant (a scale, an epsilon, a mask's fill value).
     """
     if not node.predicted(k):
         return False
-    return node.visits > 1 or isinstance(node.feed_values.get(k), (bool, int, float, complex))
+    return node.visits > 1 or np.ndim(node.feed_values.get(k)) == 0
 
 
 def build_program(graph: TraceGraph) -> Program:
