@@ -368,11 +368,10 @@ class StepFunction:
             start = time.perf_counter_ns()
             for seg in program.segments:     # unchanged segments: compiled already
                 seg.executable = executables.get(seg.signature)
-            program.mark_ready()
             todo = [seg for seg in program.compile_order() if seg.executable is None]
             for seg, executable in _compile_segments(todo, executor, self._cache):
                 seg.executable = executables[seg.signature] = executable
-                program.mark_ready()         # its paths can co-execute before the rest compiles
+            program.mark_ready()
             compiled = len(todo)
             if store is not None:
                 store.save(graph, program.version)  # lowering ran every custom_jvp rule it needs
@@ -398,7 +397,6 @@ class StepFunction:
         if pending is None:
             return
         if not pending.done():
-            self._adopt_first_compiled_paths()
             return
         self._pending = self._compiling = None
         try:
@@ -411,15 +409,6 @@ class StepFunction:
         live = {seg.signature for seg in program.segments}
         for sig in [s for s in self._executables if s not in live]:
             del self._executables[sig]
-
-    def _adopt_first_compiled_paths(self) -> None:
-        """Before any graph is in use, co-execute the paths whose segments are compiled.
-
-        A later graph waits until it is fully compiled: the one in use may cover
-        paths whose segments the new one still compiles.
-        """
-        if self._program is None and self._compiling.covers_a_path():
-            self._program = self._compiling
 
     def _internal_failure(self, err: Exception, doing: str) -> None:
         if isinstance(err, TerraExecutorError):

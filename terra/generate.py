@@ -109,8 +109,8 @@ class Program:
     segments: list
     predictions: dict           # GraphNode -> ((slot, feed token), ...) baked into segments
     constant_inputs: dict       # (GraphNode, slot) -> [(Segment, input index)] holding its value
-    # GraphNodes that can co-execute now: those of blocks whose segments all have
-    # executables. Grows while the program compiles (written by the compile thread).
+    # GraphNodes that can co-execute: those of blocks whose segments all have
+    # executables (published by the compile thread once it compiled them).
     ready: frozenset = frozenset()
 
     def mark_ready(self) -> None:
@@ -147,16 +147,6 @@ class Program:
                 fresh.append((k, token))
             self.predictions[node] = tuple(fresh)
         return changed
-
-    def covers_a_path(self) -> bool:
-        """Some whole step (every node from the root to a step end) can co-execute."""
-        ready = self.ready
-        for node in (n for n in ready if n.ends_here):
-            while node.op is not None and node in ready:
-                node = node.parent
-            if node.op is None:   # reached the root
-                return True
-        return False
 
 
 def runs_ahead_with(node: GraphNode, k: int) -> bool:
