@@ -82,6 +82,7 @@ class HeldCompiles:
 def run_setting(name: str, setting: str, steps: int, repeats: int, conn) -> None:
     """Runs the program's loop, handing the turn back to the parent at every step."""
     os.environ["TERRA_SYNC_COMPILE"] = "0"  # a synchronous compile would wait forever
+    os.environ["TERRA_WARMUP_WAIT"] = "0"   # ... and so would the warm-up's wait
     import jax
     module = importlib.import_module(name)
     step_functions: dict = {}  # the user's step function -> what runs it

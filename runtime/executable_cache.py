@@ -1,5 +1,8 @@
 """Compiled executables on disk, so a restarted job skips XLA compiles.
 
+`disabled()` switches the store off for the compiles of one step function
+(`terra.function(cache=False)`); the folder itself comes from terra.config.
+
 `ExecutableStore.compile(lowered, options)` is `lowered.compile(compiler_options=options)`
 backed by a directory: the key is a hash of the lowered module's text (which names its
 shapes, shardings and computation) plus the options, the JAX version and the devices, the
@@ -12,6 +15,8 @@ only this user can write (the same holds for the pickled graphs next to it).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import os
 import pickle
@@ -89,11 +94,22 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 _stores: dict[str, ExecutableStore] = {}
 _stores_lock = threading.Lock()
+_enabled = contextvars.ContextVar("terra_executable_store", default=True)
+
+
+@contextlib.contextmanager
+def disabled():
+    """Compiles in this context neither read nor write the executable store."""
+    token = _enabled.set(False)
+    try:
+        yield
+    finally:
+        _enabled.reset(token)
 
 
 def executable_store(cache_dir: str | None) -> ExecutableStore | None:
-    """The store under `cache_dir` (TERRA_CACHE_DIR), or None without one."""
-    if cache_dir is None:
+    """The store under `cache_dir` (the cache folder), or None without one or when disabled."""
+    if cache_dir is None or not _enabled.get():
         return None
     directory = str(Path(cache_dir) / "executables")
     with _stores_lock:

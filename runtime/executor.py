@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import atexit
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
@@ -45,6 +46,18 @@ class Executor(Protocol):
     def compile_function(self, fn: Callable, specs: Sequence[jax.ShapeDtypeStruct],
                          out_shardings: Sequence | None = None) -> Callable: ...
     def dispatch(self, job: Callable[[], Any]) -> Future: ...
+    @property
+    def compile_workers(self) -> int:
+        """Segments of one graph compiled at once: the cores other work leaves idle.
+
+        On a loaded machine parallel XLA compiles only slow each other down
+        (measured: benchmarks/segment_compile.py).
+        """
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        return max(1, int(cores - busy))
+
     def compile(self, job: Callable[[], Any]) -> Future: ...
     def shutdown(self) -> None: ...
 
@@ -71,6 +84,18 @@ class GraphExecutor:
             future.set_exception(err)
         return future
 
+    @property
+    def compile_workers(self) -> int:
+        """Segments of one graph compiled at once: the cores other work leaves idle.
+
+        On a loaded machine parallel XLA compiles only slow each other down
+        (measured: benchmarks/segment_compile.py).
+        """
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        return max(1, int(cores - busy))
+
     def compile(self, job: Callable[[], Any]) -> Future:
         """Queue a compilation; never blocks the caller."""
         return self._compile.submit(job)
@@ -80,6 +105,8 @@ class GraphExecutor:
         """Lower and compile `fn` for inputs `specs` (runs in the compile thread).
 
         `out_shardings` (None: XLA's choice) places the outputs on a mesh.
+        With the persistent cache on, executables compiled before (also by
+        an earlier process) are loaded instead of compiled.
         """
         shardings = {} if out_shardings is None else {"out_shardings": out_shardings}
         lowered = jax.jit(fn, keep_unused=True, **shardings).lower(*specs)
@@ -116,13 +143,17 @@ class RemoteValue(abc.ABC):
         """The array here, in this process (downloaded once, then cached)."""
 
 
-def wait(future: Future) -> Any:
-    """`future.result()` that stays responsive to KeyboardInterrupt."""
+def wait(future: Future, timeout: float | None = None) -> Any:
+    """`future.result(timeout)` that stays responsive to KeyboardInterrupt."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
+        poll = _TIMEOUT_POLL_S if deadline is None else \
+            min(_TIMEOUT_POLL_S, max(0.0, deadline - time.monotonic()))
         try:
-            return future.result(timeout=_TIMEOUT_POLL_S)
+            return future.result(timeout=poll)
         except TimeoutError:
-            continue
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
 
 
 _defaults: dict[str | None, GraphExecutor] = {}

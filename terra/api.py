@@ -17,19 +17,25 @@ eager execution.
 """
 from __future__ import annotations
 
+import atexit
 import collections
+import contextlib
 import functools
+import sys
 import threading
 import time
 import warnings
+import weakref
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable, TypeVar
 
 import jax
 
+from runtime import executable_cache
 from runtime.executor import Executor, RemoteOptions, TerraExecutorError, select_executor, wait
 from terra import config
-from terra.coexec import COEXEC, TRACING, StepRun, TerraInternalError, TerraWarning
-from terra import cache, generate
+from terra.coexec import COEXEC, FALLBACK, TRACING, StepRun, TerraInternalError, TerraWarning
+from terra import cache as persistent, generate
 from terra.generate import Program, build_program
 from terra.intercept import TerraTrace, install, install_autodiff_hooks, install_trace_state_hook
 from terra import telemetry
@@ -56,7 +62,8 @@ def _unique_name(name: str) -> str:
     return name if k == 1 else f"{name}#{k}"
 
 
-def _check_options(max_graphs: Any, max_paths: Any, strict: Any, executor: Any) -> None:
+def _check_options(max_graphs: Any, max_paths: Any, strict: Any, executor: Any,
+                   cache: Any = True, warmup_wait: Any = None) -> None:
     """Refuse what `terra.function` cannot use, naming the argument and what it accepts."""
     for name, value in (("max_graphs", max_graphs), ("max_paths", max_paths)):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -69,6 +76,14 @@ def _check_options(max_graphs: Any, max_paths: Any, strict: Any, executor: Any) 
     if strict is not None and not isinstance(strict, bool):
         raise TypeError(f"terra.function: strict must be True, False or None (TERRA_STRICT), "
                         f"got {type(strict).__name__} {strict!r}")
+    if not isinstance(cache, bool):
+        raise TypeError(f"terra.function: cache must be True or False (TERRA_CACHE), "
+                        f"got {type(cache).__name__} {cache!r}")
+    if warmup_wait is not None and (isinstance(warmup_wait, bool)
+                                    or not isinstance(warmup_wait, (int, float))
+                                    or not warmup_wait >= 0):
+        raise ValueError(f"terra.function: warmup_wait must be a number of seconds >= 0 or None "
+                         f"(TERRA_WARMUP_WAIT), got {warmup_wait!r}")
     if executor is not None and not isinstance(executor, str) and not all(
             callable(getattr(executor, m, None))
             for m in ("compile_function", "dispatch", "compile", "shutdown")):
@@ -77,24 +92,46 @@ def _check_options(max_graphs: Any, max_paths: Any, strict: Any, executor: Any) 
                         f"dispatch, compile, shutdown), got {type(executor).__name__} {executor!r}")
 
 
-def _executor(executor: Executor | str | None, settings: config.Config) -> Executor:
+def _executor(executor: Executor | str | None, settings: config.Config,
+              cache_dir: str | None) -> Executor:
     if executor is None:
         executor = settings.executor
     elif isinstance(executor, str):
         executor = config.parse_executor("terra.function: executor", executor)
-    return select_executor(executor, cache_dir=settings.cache_dir, remote=RemoteOptions(
+    return select_executor(executor, cache_dir=cache_dir, remote=RemoteOptions(
         settings.executor_token_file, settings.executor_tls_ca, settings.executor_keepalive_ms))
+
+
+_step_functions: "weakref.WeakSet[StepFunction]" = weakref.WeakSet()
+_exit_note_registered = False
+
+
+def _register_exit_note() -> None:
+    """Once, after the default executor exists: atexit runs last-registered first, so the
+    note sees a compile still in flight before the executor's shutdown waits for it."""
+    global _exit_note_registered
+    if not _exit_note_registered:
+        _exit_note_registered = True
+        atexit.register(_note_step_functions_that_never_coexecuted)
+
+
+def _note_step_functions_that_never_coexecuted() -> None:
+    for fn in list(_step_functions):
+        note = fn.never_coexecuted_note()
+        if note:
+            print(note, file=sys.stderr)
 
 
 class StepFunction:
     """A step function run by Terra. Call it exactly like the wrapped function."""
 
     def __init__(self, fn: Callable, *, max_graphs: int = 8, max_paths: int = 64,
-                 strict: bool | None = None, executor: Executor | str | None = None):
+                 strict: bool | None = None, executor: Executor | str | None = None,
+                 cache: bool = True, warmup_wait: float | None = None):
         if not callable(fn):
             raise TypeError(f"terra.function: fn must be a callable (the step function), "
                             f"got {type(fn).__name__} {fn!r}")
-        _check_options(max_graphs, max_paths, strict, executor)
+        _check_options(max_graphs, max_paths, strict, executor, cache, warmup_wait)
         functools.update_wrapper(self, fn)
         if not hasattr(self, "__name__"):  # a callable object or a partial
             self.__name__ = getattr(type(fn), "__name__", "step")
@@ -105,8 +142,18 @@ class StepFunction:
         settings = config.current()
         self._strict = settings.strict if strict is None else strict
         self._sync_compile = settings.sync_compile
-        self._cache_dir = settings.cache_dir
-        self._executor = _executor(executor, settings)
+        self._cache_dir = config.cache_folder(settings)
+        self._cache_explicit = settings.cache_dir is not None
+        self._executor = _executor(executor, settings, self._cache_dir)
+        self._cache = cache and self._cache_dir is not None
+        if self._cache:
+            persistent.use_jax_compilation_cache(self._cache_dir)
+        # Until one step co-executed to its end, a step waits (this long in all) for
+        # the graph compiling instead of running eagerly beside it.
+        self._warmup_left = (settings.warmup_wait if settings.warmup_wait is not None
+                             else 60.0) if warmup_wait is None else warmup_wait
+        self._warm = False                        # a step co-executed to its end
+        self._first_step_at: float | None = None  # perf_counter() at the first call
         self._graph = TraceGraph()
         self._stats = Stats()
         self._program: Program | None = None
@@ -119,9 +166,11 @@ class StepFunction:
         # a 50-op step 17 -> 48 ms over 1200 steps; reusing one kept it flat).
         self._trace = TerraTrace(None)
         self._warned_concurrent = False
-        self._looked_in_cache = False             # for a saved graph (TERRA_CACHE_DIR)
-        self._graph_store: cache.GraphStore | None = None
+        self._looked_in_cache = False             # for a saved graph (terra/cache.py)
+        self._graph_store: persistent.GraphStore | None = None
         self._calls: hybrid.Calls | None = None   # while events are on: for the explain report
+        _step_functions.add(self)
+        _register_exit_note()
 
     def __get__(self, obj, objtype=None):  # used as a method: bind `self`
         return self if obj is None else functools.partial(self, obj)
@@ -201,8 +250,10 @@ class StepFunction:
         if telemetry is not None:
             hybrid.calls_of(self).observe(args, kwargs)
         if not self._looked_in_cache:
+            self._first_step_at = time.perf_counter()
             self._resume_from_cache()
         self._adopt_compiled_program()
+        self._wait_for_first_graph()
         program = self._program
         leaves = jax.tree.leaves((args, kwargs))
         run = StepRun(self, COEXEC if program is not None else TRACING, program, leaves)
@@ -223,6 +274,10 @@ class StepFunction:
                 self._step_event(telemetry, run, start_ns, counts, raised=type(err).__name__)
             raise
         out = run.finish(out)
+        if run.mode == COEXEC:
+            self._warm = True
+        elif run.mode == FALLBACK:
+            self._repredict()
         if program is not None:
             stats.step_seconds += time.perf_counter() - start
         if telemetry is not None:
@@ -249,14 +304,16 @@ class StepFunction:
 
     # -- the persistent cache (terra/cache.py) ---------------------------------
     def _resume_from_cache(self) -> None:
-        """First call with TERRA_CACHE_DIR set: load the saved graph and its executables.
+        """First call with the persistent cache on: load the saved graph and its executables.
 
         Waits for them, so a resumed job co-executes from its first step. A
         saved graph that cannot be compiled is dropped and recorded again.
         """
         self._looked_in_cache = True
-        store = self._graph_store = cache.graph_store(self._fn, self.telemetry_name,
-                                                      self._cache_dir)
+        if not self._cache:
+            return
+        store = self._graph_store = persistent.graph_store(
+            self._fn, self.telemetry_name, self._cache_dir, self._cache_explicit)
         graph = None if store is None else store.load()
         if graph is None:
             return
@@ -274,16 +331,68 @@ class StepFunction:
         self._adopt_compiled_program()
         self._stats.resumed = self._program is not None
 
+    # -- warm-up: the first steps ---------------------------------------------
+    def _wait_for_first_graph(self) -> None:
+        """Until a step co-executed to its end, wait for the graph compiling (bounded).
+
+        Beside a compile, an eagerly run step is slow (it shares the cores with
+        the compiler, and each op compiles on first sight) and its graph is
+        compiling already: waiting makes the second step co-execute.
+        """
+        pending = self._pending
+        if pending is None or self._warm or self._warmup_left <= 0 or pending.done():
+            return
+        start = time.perf_counter()
+        with contextlib.suppress(Exception):  # a failed compile is reported when adopted
+            wait(pending, self._warmup_left)
+        waited = time.perf_counter() - start
+        self._warmup_left -= waited
+        self._stats.warmup_seconds += waited
+        self._adopt_compiled_program()
+
+    def _repredict(self) -> None:
+        """A fallback step: predict the values Python fed in it (see Program.repredict)."""
+        for program in {id(p): p for p in (self._program, self._compiling) if p}.values():
+            program.repredict()
+
+    def never_coexecuted_note(self) -> str:
+        """What to tell the user at exit when this function never co-executed a whole step."""
+        stats = self._stats
+        if self._warm or stats.gave_up or stats.steps - stats.eager < 2:
+            return ""  # co-executed, said why already, or called once: not a training loop
+        name, ran = self.__name__, f"ran {stats.steps} step(s) and never co-executed one"
+        if self._pending is not None and not self._pending.done():
+            spent = time.perf_counter() - (self._first_step_at or time.perf_counter())
+            later = ("the next run loads it from the persistent cache and co-executes from "
+                     "its first step" if self._cache else
+                     "the persistent cache (off: TERRA_CACHE=0 or cache=False) would let the "
+                     "next run start co-executed")
+            return (f"terra: {name!r} {ran}: its graph was still compiling when the program "
+                    f"ended ({spent:.1f} s after the first step); {later}, or raise "
+                    "TERRA_WARMUP_WAIT (seconds) to wait longer for it")
+        if stats.divergences:
+            return (f"terra: {name!r} {ran}: every co-executed step diverged (last: "
+                    f"{stats.last_divergence}); TERRA_EXPLAIN=1 reports where and why")
+        return (f"terra: {name!r} {ran}: its graph was ready only after its last step; "
+                "TERRA_WARMUP_WAIT (seconds, default 60) bounds how long the first steps "
+                "wait for it")
+
     # -- graph generation, always off the Python thread's critical path ------
     def _maybe_generate(self, grew: bool) -> None:
-        """Regenerate once the TraceGraph changed and the last step added no new ops."""
+        """Regenerate once the TraceGraph changed and the last step added no new ops.
+
+        The first graph is generated right after the first step: it is
+        speculative (every op is validated against it) and a new path only
+        costs the step that took it.
+        """
         if self._graph.paths() > self._max_paths:
             self._give_up(f"it took {self._graph.paths()} different paths "
                           f"(max_paths={self._max_paths}): shapes or Python values that decide "
                           "the path keep changing; last change: "
                           f"{self._stats.last_divergence or 'new paths while tracing'}")
             return
-        if grew or self._pending is not None or not self._program_is_stale():
+        first = self._program is None and self._stats.compiles == 0
+        if (grew and not first) or self._pending is not None or not self._program_is_stale():
             return
         if self._stats.compiles >= self._max_graphs:
             self._give_up(f"its TraceGraph changed {self._stats.compiles} times "
@@ -306,14 +415,11 @@ class StepFunction:
             start = time.perf_counter_ns()
             for seg in program.segments:     # unchanged segments: compiled already
                 seg.executable = executables.get(seg.signature)
+            todo = [seg for seg in program.compile_order() if seg.executable is None]
+            for seg, executable in _compile_segments(todo, executor, self._cache):
+                seg.executable = executables[seg.signature] = executable
             program.mark_ready()
-            compiled = 0
-            for seg in program.compile_order():
-                if seg.executable is None:
-                    seg.executable = executables[seg.signature] = \
-                        generate.compile_segment(seg, executor)
-                    compiled += 1
-                    program.mark_ready()     # its paths can co-execute before the rest compiles
+            compiled = len(todo)
             if store is not None:
                 store.save(graph, program.version)  # lowering ran every custom_jvp rule it needs
             if telemetry is not None:
@@ -338,7 +444,6 @@ class StepFunction:
         if pending is None:
             return
         if not pending.done():
-            self._adopt_first_compiled_paths()
             return
         self._pending = self._compiling = None
         try:
@@ -351,15 +456,6 @@ class StepFunction:
         live = {seg.signature for seg in program.segments}
         for sig in [s for s in self._executables if s not in live]:
             del self._executables[sig]
-
-    def _adopt_first_compiled_paths(self) -> None:
-        """Before any graph is in use, co-execute the paths whose segments are compiled.
-
-        A later graph waits until it is fully compiled: the one in use may cover
-        paths whose segments the new one still compiles.
-        """
-        if self._program is None and self._compiling.covers_a_path():
-            self._program = self._compiling
 
     def _internal_failure(self, err: Exception, doing: str) -> None:
         if isinstance(err, TerraExecutorError):
@@ -385,8 +481,27 @@ class StepFunction:
                           TerraWarning, stacklevel=4)
 
 
+def _compile_segments(segments: list, executor: Executor, use_store: bool):
+    """Yield (segment, executable) as each compiles: in parallel where the executor
+    allows (XLA compiles without the GIL), else one by one in `segments` order."""
+    def compile_one(seg):
+        with contextlib.nullcontext() if use_store else executable_cache.disabled():
+            return generate.compile_segment(seg, executor)
+
+    workers = min(len(segments), getattr(executor, "compile_workers", 1))
+    if workers <= 1:
+        for seg in segments:
+            yield seg, compile_one(seg)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="terra-compiler") as pool:
+        futures = {pool.submit(compile_one, seg): seg for seg in segments}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+
 def function(fn: F | None = None, *, max_graphs: int = 8, max_paths: int = 64,
-             strict: bool | None = None, executor: Executor | str | None = None) -> F:
+             strict: bool | None = None, executor: Executor | str | None = None,
+             cache: bool = True, warmup_wait: float | None = None) -> F:
     """Run `fn` with imperative-symbolic co-execution. Use as `@terra.function`.
 
     Args:
@@ -403,6 +518,13 @@ def function(fn: F | None = None, *, max_graphs: int = 8, max_paths: int = 64,
             the TERRA_EXECUTOR environment variable, else the in-process
             executor). Raises `terra.TerraExecutorError` if it cannot
             be reached.
+        cache: False keeps this function out of the persistent cache (on by
+            default in TERRA_CACHE_DIR, else $XDG_CACHE_HOME/terra, else
+            ~/.cache/terra; TERRA_CACHE=0 switches it off for every function).
+        warmup_wait: until one step has co-executed to its end, a step waits for
+            the graph compiling in the background, at most this many seconds in
+            all (default: TERRA_WARMUP_WAIT, else 60); 0 runs those steps eagerly
+            beside the compile instead.
 
     Example:
         >>> import jax.numpy as jnp, terra
@@ -416,11 +538,13 @@ def function(fn: F | None = None, *, max_graphs: int = 8, max_paths: int = 64,
         5
     """
     if fn is None:
-        _check_options(max_graphs, max_paths, strict, executor)  # refused at the decorator
+        # refused at the decorator, not at the first call
+        _check_options(max_graphs, max_paths, strict, executor, cache, warmup_wait)
         return functools.partial(function, max_graphs=max_graphs, max_paths=max_paths,
-                                 strict=strict, executor=executor)  # type: ignore
+                                 strict=strict, executor=executor, cache=cache,
+                                 warmup_wait=warmup_wait)  # type: ignore
     return StepFunction(fn, max_graphs=max_graphs, max_paths=max_paths, strict=strict,
-                        executor=executor)  # type: ignore
+                        executor=executor, cache=cache, warmup_wait=warmup_wait)  # type: ignore
 
 
 def explain(fn: StepFunction | None = None, *, at_exit: bool = False, jit: bool = False) -> str:

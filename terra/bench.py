@@ -463,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write results as JSON")
     parser.add_argument("--plot", metavar="FILE", help="write a PNG plot of speedups")
     args = parser.parse_args(argv)
+    # "1st co-exec" is a cold start's: a graph saved by an earlier run must not serve it.
+    os.environ.setdefault("TERRA_CACHE", "0")
     steps = args.steps or (12 if args.quick else 30)
     rounds = args.rounds or (2 if args.quick else 3)
     available = discover()

@@ -1,7 +1,11 @@
-"""The persistent cache: with TERRA_CACHE_DIR set, a restarted job co-executes from its first step.
+"""The persistent cache: a second run of a program co-executes from its first step.
 
-    TERRA_CACHE_DIR=~/.cache/terra python train.py     # first run: records, compiles, saves
-    TERRA_CACHE_DIR=~/.cache/terra python train.py     # resumed: co-executes from step 1
+    python train.py     # first run: records, compiles, saves
+    python train.py     # again: loads the graph and its executables, co-executes from step 1
+
+On by default, in DIR = TERRA_CACHE_DIR, else $XDG_CACHE_HOME/terra, else
+~/.cache/terra (terra.config.cache_folder); TERRA_CACHE=0
+or `terra.function(cache=False)` switches it off.
 
 DIR/graphs/<key>.graph holds a step function's TraceGraph, saved each time a
 new graph version is compiled; DIR/executables/ its compiled segments (see
@@ -10,6 +14,10 @@ qualified name, file, bytecode) and what the graph depends on (JAX version,
 devices, process index, x64), so a stale graph is rarely loaded — and when it
 is (a callee changed), validation catches every difference: the step
 diverges, falls back to eager and learns the new path, as for any new path.
+
+DIR/jax/ is JAX's own persistent compilation cache (`use_jax_compilation_cache`),
+so the first steps' op-by-op compiles are loaded too; a folder the user
+configured for JAX (jax_compilation_cache_dir) is left as it is.
 
 Files are pickles (loading one runs code): keep the directory private.
 """
@@ -35,9 +43,10 @@ FORMAT = 2  # bumped when what a saved graph holds changes
 class GraphStore:
     """Where one step function's TraceGraph is saved and found again."""
 
-    def __init__(self, path: Path, name: str):
+    def __init__(self, path: Path, name: str, explicit: bool = True):
         self.path = path
         self.name = name
+        self.explicit = explicit    # the user chose the folder (TERRA_CACHE_DIR)
         self.saved_version = -1     # TraceGraph.version last written
         self.disabled = ""          # why this graph is not saved (set once, warned once)
 
@@ -77,8 +86,9 @@ class GraphStore:
             write_atomically(self.path, buffer.getvalue())
         except Exception as err:
             self.disabled = repr(err)
-            warnings.warn(f"terra: the graph of {self.name!r} is not saved in TERRA_CACHE_DIR: "
-                          f"{err}; a restarted job records it again", TerraWarning)
+            if self.explicit:  # a folder the user chose; the default one stays quiet
+                warnings.warn(f"terra: the graph of {self.name!r} is not saved in the persistent "
+                              f"cache: {err}; a restarted job records it again", TerraWarning)
             return
         self.saved_version = graph.version
 
@@ -86,11 +96,27 @@ class GraphStore:
         self.path.unlink(missing_ok=True)
 
 
-def graph_store(fn: Callable, name: str, cache_dir: str | None) -> GraphStore | None:
-    """The store of step function `fn` under `cache_dir` (TERRA_CACHE_DIR); None without one."""
+def graph_store(fn: Callable, name: str, cache_dir: str | None,
+                explicit: bool) -> GraphStore | None:
+    """The store of step function `fn` under `cache_dir` (the cache folder); None without one.
+
+    `explicit`: the user chose the folder (TERRA_CACHE_DIR), so a graph that cannot
+    be saved there is worth a warning."""
     if cache_dir is None:
         return None
-    return GraphStore(Path(cache_dir) / "graphs" / f"{_key(fn, name)}.graph", name)
+    return GraphStore(Path(cache_dir) / "graphs" / f"{_key(fn, name)}.graph", name, explicit)
+
+
+def use_jax_compilation_cache(cache_dir: str) -> None:
+    """Point JAX's persistent compilation cache at DIR/jax, unless the user chose a folder.
+
+    Every compile is kept (JAX's default keeps only those over 1 s), so the
+    small op-by-op compiles of the first, eagerly run steps load too.
+    """
+    if jax.config.jax_compilation_cache_dir is not None:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir) / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _key(fn: Callable, name: str) -> str:

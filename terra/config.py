@@ -9,7 +9,9 @@
 | TERRA_TRACE | a file path (its directory exists) | write a Chrome trace timeline there |
 | TERRA_TELEMETRY | PORT or HOST:PORT | serve the live event stream |
 | TERRA_PROMETHEUS | PORT or HOST:PORT | serve Prometheus metrics (`/metrics`) |
-| TERRA_CACHE_DIR | a directory | persistent cache of graphs and executables |
+| TERRA_CACHE | a flag, on unless set off | the persistent cache of graphs and executables (docs/persistent-cache.md) |
+| TERRA_CACHE_DIR | a directory | the persistent cache's folder (default $XDG_CACHE_HOME/terra, else ~/.cache/terra) |
+| TERRA_WARMUP_WAIT | seconds, >= 0 | how long the first steps wait in all for the first graph (default 60; 0: never) |
 | TERRA_EXECUTOR | grpc://HOST:PORT or grpcs://HOST:PORT | run graphs in `terra serve` |
 | TERRA_EXECUTOR_TOKEN_FILE | a file path | the token that server requires |
 | TERRA_EXECUTOR_TLS_CA | a file path | PEM roots to check its TLS certificate |
@@ -54,6 +56,24 @@ def parse_flag(name: str, text: str) -> bool:
         return False
     raise _refuse(name, text, "1, true, yes or on to switch it on; 0, false, no, off or "
                               "nothing to leave it off")
+
+
+def parse_flag_on(name: str, text: str) -> bool:
+    """A flag that is on unless set off."""
+    return True if not text.strip() else parse_flag(name, text)
+
+
+def parse_seconds(name: str, text: str) -> float | None:
+    """A number of seconds >= 0; None (the caller's default) when unset."""
+    if not text.strip():
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also refuses nan
+        raise _refuse(name, text, "a number of seconds >= 0")
+    return seconds
 
 
 def parse_path(name: str, text: str) -> str | None:
@@ -147,7 +167,9 @@ VARIABLES = (
     _Variable("TERRA_TRACE", "trace", parse_trace),
     _Variable("TERRA_TELEMETRY", "telemetry", parse_telemetry),
     _Variable("TERRA_PROMETHEUS", "prometheus", parse_telemetry),
+    _Variable("TERRA_CACHE", "cache", parse_flag_on),
     _Variable("TERRA_CACHE_DIR", "cache_dir", parse_directory),
+    _Variable("TERRA_WARMUP_WAIT", "warmup_wait", parse_seconds),
     _Variable("TERRA_EXECUTOR", "executor", parse_executor),
     _Variable("TERRA_EXECUTOR_TOKEN_FILE", "executor_token_file", parse_path),
     _Variable("TERRA_EXECUTOR_TLS_CA", "executor_tls_ca", parse_path),
@@ -166,11 +188,23 @@ class Config:
     trace: str | None = None
     telemetry: str | None = None
     prometheus: str | None = None
+    cache: bool = True
     cache_dir: str | None = None
+    warmup_wait: float | None = None
     executor: str = ""
     executor_token_file: str | None = None
     executor_tls_ca: str | None = None
     executor_keepalive_ms: int = KEEPALIVE_MS[2]
+
+
+def cache_folder(settings: Config) -> str | None:
+    """The persistent cache's folder, or None when TERRA_CACHE switches it off."""
+    if not settings.cache:
+        return None
+    if settings.cache_dir is not None:
+        return settings.cache_dir
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or "~/.cache"
+    return os.path.join(os.path.expanduser(base), "terra")
 
 
 def resolve(environ: dict[str, str]) -> Config:

@@ -29,7 +29,8 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 from runtime.executor import Executor
 from terra.autodiff import GRAD, apply_gradient_op
 from terra.intercept import bind_op, uncommitted
-from terra.trace import ARG, FEED_REF, NODE, GraphNode, TraceGraph, ValueKey
+from terra.trace import (ARG, FEED_REF, NODE, GraphNode, TraceGraph, ValueKey, feed_token,
+                         tokens_equal)
 
 # Segment input kinds.
 ENV = 0      # (ENV, pos, out): a value computed by another segment or by Python
@@ -85,6 +86,12 @@ class Segment:
                 self.in_placements[i] = replicated
                 self.constants[i] = jax.device_put(value, replicated)
 
+    def set_constant(self, i: int, value: Any) -> None:
+        """Predict `value` for constant input `i` from the next dispatch on."""
+        value = device_constant(value, self.in_avals[i])
+        placement = self.in_placements[i]
+        self.constants[i] = value if placement is None else jax.device_put(value, placement)
+
     @property
     def signature(self) -> tuple:
         """Identifies the computation: same nodes, inputs and outputs."""
@@ -101,8 +108,9 @@ class Program:
     blocks: list                # (nodes, segments) of each block
     segments: list
     predictions: dict           # GraphNode -> ((slot, feed token), ...) baked into segments
-    # GraphNodes that can co-execute now: those of blocks whose segments all have
-    # executables. Grows while the program compiles (written by the compile thread).
+    constant_inputs: dict       # (GraphNode, slot) -> [(Segment, input index)] holding its value
+    # GraphNodes that can co-execute: those of blocks whose segments all have
+    # executables (published by the compile thread once it compiled them).
     ready: frozenset = frozenset()
 
     def mark_ready(self) -> None:
@@ -114,18 +122,43 @@ class Program:
         self.ready = frozenset(ready)
 
     def compile_order(self) -> list:
-        """Segments of the paths recorded steps took most often first (parents before children)."""
-        return sorted(self.segments, key=lambda seg: -seg.nodes[0].visits)
+        """Segments of the paths recorded steps took most often first, then in the order
+        Python reaches them (parents before children)."""
+        return sorted(self.segments, key=lambda seg: (-seg.nodes[0].visits, seg.nodes[0].pos))
 
-    def covers_a_path(self) -> bool:
-        """Some whole step (every node from the root to a step end) can co-execute."""
-        ready = self.ready
-        for node in (n for n in ready if n.ends_here):
-            while node.op is not None and node in ready:
-                node = node.parent
-            if node.op is None:   # reached the root
-                return True
+    def repredict(self) -> int:
+        """Predict the value Python fed last wherever it differs from the prediction.
+
+        A Python number that changes now and then (a plateau schedule) then costs
+        the one step that saw it change: the segments take the new value as an
+        input, nothing is recompiled. Returns how many predictions changed.
+        """
+        changed = 0
+        for node, predicted in self.predictions.items():
+            fresh = []
+            for k, token in predicted:
+                value = node.feed_values.get(k)
+                new = feed_token(value)
+                # tokens_equal(new, new) is False for NaN and unpredictable values.
+                if tokens_equal(new, new) and not tokens_equal(new, token):
+                    for seg, i in self.constant_inputs.get((node, k), ()):
+                        seg.set_constant(i, value)
+                    token, changed = new, changed + 1
+                fresh.append((k, token))
+            self.predictions[node] = tuple(fresh)
+        return changed
+
+
+def runs_ahead_with(node: GraphNode, k: int) -> bool:
+    """Whether the graph runs ahead with feed `k` of `node`'s last value.
+
+    Seen once, only a scalar is (a Python number, a 0-d array): a numpy array
+    is mostly host code's result on this step's values (different next step),
+    a scalar mostly a constant (a scale, an epsilon, a mask's fill value).
+    """
+    if not node.predicted(k):
         return False
+    return node.visits > 1 or np.ndim(node.feed_values.get(k)) == 0
 
 
 def build_program(graph: TraceGraph) -> Program:
@@ -137,9 +170,11 @@ def build_program(graph: TraceGraph) -> Program:
         segments: list[Segment] = []
         level_of: dict[GraphNode, int] = {}
         predictions: dict[GraphNode, tuple] = {}
+        constant_inputs: dict[tuple, list] = {}
         for block in _blocks(graph.root):
             for n in block:
-                predicted = tuple((k, n.feed_tokens[k]) for k in n.op.feed_slots if n.predicted(k))
+                predicted = tuple((k, n.feed_tokens[k]) for k in n.op.feed_slots
+                                  if runs_ahead_with(n, k))
                 if predicted:
                     predictions[n] = predicted
             block_segments = []
@@ -151,10 +186,11 @@ def build_program(graph: TraceGraph) -> Program:
                 segments.append(seg)
                 block_segments.append(seg)
             blocks.append((block, block_segments))
-        _wire_inputs_and_outputs(graph.root, segment_of)
+        _wire_inputs_and_outputs(graph.root, segment_of, constant_inputs)
         for seg in segments:
             seg.finalize()
-        return Program(graph.version, segment_of, dispatch_at, blocks, segments, predictions)
+        return Program(graph.version, segment_of, dispatch_at, blocks, segments, predictions,
+                       constant_inputs)
 
 
 def _blocks(root: GraphNode):
@@ -181,7 +217,7 @@ def _assign_levels(block: list, level_of: dict) -> dict:
     levels: dict[int, list] = {}
     for i, node in enumerate(block):
         op = node.op
-        live = op.host_effect or any(not node.predicted(k) for k in op.feed_slots)
+        live = op.host_effect or any(not runs_ahead_with(node, k) for k in op.feed_slots)
         level = 0
         if live:
             if closed or i - group_start >= GROUP_SPAN:
@@ -200,8 +236,11 @@ def _assign_levels(block: list, level_of: dict) -> dict:
             for lvl, nodes in levels.items()}
 
 
-def _wire_inputs_and_outputs(root: GraphNode, segment_of: dict) -> None:
-    """Walk every path; give each segment its inputs and needed outputs."""
+def _wire_inputs_and_outputs(root: GraphNode, segment_of: dict, constant_inputs: dict) -> None:
+    """Walk every path; give each segment its inputs and needed outputs.
+
+    `constant_inputs` collects which segment inputs hold each predicted feed.
+    """
     inputs_seen: dict[int, set] = {}
     outputs_seen: dict[int, set] = {}
     path: list[GraphNode] = []
@@ -223,13 +262,14 @@ def _wire_inputs_and_outputs(root: GraphNode, segment_of: dict) -> None:
             seen.add(inp)
             if inp[0] == CONST:
                 seg.constants[len(seg.inputs)] = device_constant(feed_of.feed_values[inp[2]], aval)
+                constant_inputs.setdefault((feed_of, inp[2]), []).append((seg, len(seg.inputs)))
             seg.inputs.append(inp)
             seg.in_avals.append(aval)
             seg.in_placements.append(placement)
 
     def take_feed(seg: Segment, fed: GraphNode, k: int) -> None:
         aval, placement = fed.op.inputs[k][1], fed.op.placement(k)
-        if fed.predicted(k):
+        if runs_ahead_with(fed, k):
             take(seg, (CONST, fed.pos, k), aval, placement, fed)
         else:
             take(seg, (LIVE, fed.pos, k), aval, placement)

@@ -23,12 +23,23 @@ PROGRAM = os.path.join(ROOT, "tests", "cache_program.py")
 RTOL, ATOL = 1e-4, 1e-5
 
 
-def run(mode: str, cache_dir: Path | None, *flags: str) -> tuple[dict, list[str], str]:
-    """(report, printed lines, stderr) of one run of the job in a new process."""
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TERRA_SYNC_COMPILE="1")
+def run(mode: str, cache_dir: Path | None, *flags: str,
+        env_changes: dict | None = None) -> tuple[dict, list[str], str]:
+    """(report, printed lines, stderr) of one run of the job in a new process.
+
+    `cache_dir` None: the cache is off (TERRA_CACHE=0); `env_changes` overrides the
+    environment (a value None unsets it).
+    """
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TERRA_SYNC_COMPILE="1",
+               TERRA_CACHE="0" if cache_dir is None else "1")
     env.pop("TERRA_CACHE_DIR", None)
     if cache_dir is not None:
         env["TERRA_CACHE_DIR"] = str(cache_dir)
+    for name, value in (env_changes or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     proc = subprocess.run([sys.executable, "-W", "always", PROGRAM, mode, *flags], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -101,8 +112,22 @@ def test_graph_that_cannot_be_saved_warns_once_and_runs(tmp_path):
     assert not list((tmp_path / "graphs").glob("*.graph"))  # a restart records it again
 
 
-def test_no_cache_dir_writes_nothing(tmp_path, eager, monkeypatch):
+def test_cache_off_writes_nothing(tmp_path, eager, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    report = run("terra", None)[0]
+    report = run("terra", None, env_changes={"XDG_CACHE_HOME": str(tmp_path / "xdg"),
+                                             "HOME": str(tmp_path)})[0]
     assert report["store"] is None and not report["stats"]["resumed"]
     assert not any(tmp_path.iterdir())
+
+
+def test_cache_is_on_by_default_in_the_users_cache_folder(tmp_path, eager):
+    """No setting: the cache lives in $XDG_CACHE_HOME/terra (here a temporary folder),
+    with JAX's compilation cache beside it, and a second run resumes."""
+    default = {"TERRA_CACHE": None, "TERRA_CACHE_DIR": None, "XDG_CACHE_HOME": str(tmp_path)}
+    first = run("terra", None, env_changes=default)
+    assert_same_as_eager(first, eager)
+    assert list((tmp_path / "terra" / "graphs").glob("*.graph"))
+    assert any((tmp_path / "terra" / "jax").iterdir())   # JAX's own compiles, kept
+    second = run("terra", None, env_changes=default)
+    assert_same_as_eager(second, eager)
+    assert second[0]["stats"]["resumed"] and second[0]["stats"]["traced"] == 0

@@ -297,8 +297,10 @@ def test_retrace_limit_stays_eager_and_warns_once():
 # -- compilation in the background, run-ahead, interruptible fetches ------------------
 
 def _hold_compiles(monkeypatch) -> threading.Event:
-    """Background compiles wait (up to 30 s) until the returned event is set."""
+    """Background compiles wait (up to 30 s) until the returned event is set; steps run
+    eagerly beside them (no warm-up wait)."""
     monkeypatch.setenv("TERRA_SYNC_COMPILE", "0")
+    monkeypatch.setenv("TERRA_WARMUP_WAIT", "0")
     real_compile = generate.compile_segment
     release = threading.Event()
 
@@ -352,9 +354,10 @@ def test_wait_for_graph_covers_paths_learned_while_compiling(monkeypatch):
     assert stats.compiles == 2, stats
 
 
-def test_first_graph_coexecutes_paths_compiled_before_the_others(monkeypatch):
-    """While the first graph compiles, a path whose segments are compiled already
-    co-executes; the other path's steps run eagerly until its segments are done."""
+def test_new_path_falls_back_while_its_graph_compiles(monkeypatch):
+    """The first graph compiles right after the first step. A path taken later runs
+    eagerly while the graph that covers it compiles in the background; the path the
+    graph in use covers keeps co-executing meanwhile."""
     monkeypatch.setenv("TERRA_SYNC_COMPILE", "0")
     real_compile = generate.compile_segment
     release = threading.Event()
@@ -380,25 +383,22 @@ def test_first_graph_coexecutes_paths_compiled_before_the_others(monkeypatch):
         np.testing.assert_allclose(np.asarray(w_t), np.asarray(w_e), rtol=1e-5)
 
     try:
-        for n in (8, 16, 8):                  # both paths traced, the narrow one more often;
-            run(n)                            # the graph starts compiling
-        deadline = time.time() + 30
-        while step.stats().coexecuted == 0 and time.time() < deadline:
-            run(8)                            # its segments compile first
-            time.sleep(0.01)
-        narrow = step.stats()
-        assert narrow.coexecuted > 0 and narrow.fallbacks == 0, narrow
+        run(8)                                # recorded; its graph compiles now
+        assert step.wait_for_graph(30)
+        run(8)
+        assert step.stats().coexecuted == 1 and step.stats().fallbacks == 0
+        run(16)                               # a new path: falls back, and is learned
+        run(8)                                # co-executes; the graph of both compiles
         run(16)                               # its segments still compiling: falls back
-        assert step.stats().fallbacks == 1 and step.stats().segments_compiled == 0
+        stats = step.stats()
+        assert stats.fallbacks == 2 and stats.compiles == 2 and stats.coexecuted == 4, stats
     finally:
         release.set()
     assert step.wait_for_graph(30)
-    coexecuted = step.stats().coexecuted
     for n in (16, 8, 16):
         run(n)
     stats = step.stats()
-    assert stats.coexecuted == coexecuted + 3 and stats.fallbacks == 1, stats
-    assert stats.compiles == 1, stats
+    assert stats.coexecuted == 7 and stats.fallbacks == 2, stats
 
 
 def test_graph_runs_ahead_of_python():

@@ -35,6 +35,7 @@ class Stats:
     internal_errors: int = 0  # Terra failures that fell back to eager
     step_seconds: float = 0.0 # wall time inside steps that started co-executed (coexecuted + fallbacks)
     wait_seconds: float = 0.0 # of which Python was blocked waiting for the graph
+    warmup_seconds: float = 0.0  # Python waited for the first graph to compile (warm-up)
     paths: int = 0            # distinct step endings in the TraceGraph
     resumed: bool = False     # the TraceGraph was loaded from TERRA_CACHE_DIR
     last_divergence: str = ""
