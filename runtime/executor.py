@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import atexit
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,17 +47,7 @@ class Executor(Protocol):
     def compile_function(self, fn: Callable, specs: Sequence[jax.ShapeDtypeStruct],
                          out_shardings: Sequence | None = None) -> Callable: ...
     def dispatch(self, job: Callable[[], Any]) -> Future: ...
-    @property
-    def compile_workers(self) -> int:
-        """Segments of one graph compiled at once: the cores other work leaves idle.
-
-        On a loaded machine parallel XLA compiles only slow each other down
-        (measured: benchmarks/segment_compile.py).
-        """
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-            (os.cpu_count() or 1)
-        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        return max(1, int(cores - busy))
+    # optional: `compile_workers` (int), how many segments to compile at once (default 1)
 
     def compile(self, job: Callable[[], Any]) -> Future: ...
     def shutdown(self) -> None: ...

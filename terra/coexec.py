@@ -172,7 +172,7 @@ class StepRun:
         """`child` is the op Python applied: check its feeds, then enter it (None: diverged)."""
         op, pos = child.op, child.pos
         if debugging_op_by_op():
-            self._diverge(_CHECKED_EAGERLY)
+            self._diverge(_CHECKED_EAGERLY, divergence.DEBUGGING, divergence.DEBUGGING)
             return None
         if child not in self.program.ready:
             self._diverge(f"{divergence.call_name(op.label)} follows a path the graph learned but "
@@ -342,7 +342,8 @@ class StepRun:
             self._dispatch(seg)
         if self.deleted_input:  # the user's error, not Terra's: eager's op raises it
             self.deleted_input = False
-            self._diverge("a step argument was deleted or donated")
+            self._diverge("a step argument was deleted or donated", divergence.DELETED,
+                          divergence.DELETED)
             if not op.host_effect:  # (a host op ran already, and read no deleted value)
                 self._leave(child)
                 return None
@@ -709,7 +710,7 @@ class StepRun:
         ct_inputs = tuple((NODE, c._pos, c._out) for c in cts)
         trace = copies[0]._trace
         if self.mode == COEXEC and debugging_op_by_op():
-            self._diverge(_CHECKED_EAGERLY)
+            self._diverge(_CHECKED_EAGERLY, divergence.DEBUGGING, divergence.DEBUGGING)
         if self.mode == COEXEC:
             for child in self.node.children:
                 op = child.op

@@ -19,6 +19,8 @@ LONGER = "longer"        # the step did more after every recorded step had ended
 UNCOVERED = "uncovered"  # a learned path whose segments are still compiling
 FEED = "feed"            # a Python value predicted constant changed (fed live from now on)
 GRADIENT = "gradient"    # a differentiated function took a new path
+DEBUGGING = "debugging"  # a JAX debugging flag (debug_nans, disable_jit) makes ops run eagerly
+DELETED = "deleted"      # a step argument was deleted or donated: the eager op raises
 
 
 class Divergence(NamedTuple):
