@@ -107,9 +107,14 @@ def disabled():
         _enabled.reset(token)
 
 
+def enabled() -> bool:
+    """False inside `disabled()`: compiles there bypass the store."""
+    return _enabled.get()
+
+
 def executable_store(cache_dir: str | None) -> ExecutableStore | None:
-    """The store under `cache_dir` (the cache folder), or None without one or when disabled."""
-    if cache_dir is None or not _enabled.get():
+    """The store under `cache_dir` (the cache folder), or None without one."""
+    if cache_dir is None:
         return None
     directory = str(Path(cache_dir) / "executables")
     with _stores_lock:

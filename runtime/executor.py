@@ -31,6 +31,7 @@ from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import jax
 
+from runtime import executable_cache
 from runtime.executable_cache import executable_store
 
 _TIMEOUT_POLL_S = 0.1  # how often a waiting Python thread checks for Ctrl-C
@@ -101,7 +102,7 @@ class GraphExecutor:
         """
         shardings = {} if out_shardings is None else {"out_shardings": out_shardings}
         lowered = jax.jit(fn, keep_unused=True, **shardings).lower(*specs)
-        if self._store is None:
+        if self._store is None or not executable_cache.enabled():
             return lowered.compile(compiler_options=EAGER_ROUNDING)
         return self._store.compile(lowered, EAGER_ROUNDING)
 

@@ -96,7 +96,7 @@ def test_plateau_schedule_costs_one_fallback_per_change(monkeypatch):
     res = differential(program, steps=40, sync_compile=False)
     stats = res.stats
     assert stats.fallbacks <= 3 and stats.compiles <= 2, res.describe()
-    assert stats.coexecuted - stats.fallbacks >= 40 - 1 - 3, res.describe()
+    assert stats.coexecuted >= 40 - 1 - 3, res.describe()  # (fallbacks are not co-executed)
 
 
 def test_cache_false_writes_nothing(monkeypatch, tmp_path):
