@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import atexit
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
