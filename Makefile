@@ -25,7 +25,7 @@ demo: $(STAMP) proto
 	$(PY) -m terra bench --quick --json out/bench.json --plot out/bench.png
 
 test: $(STAMP) proto
-	TERRA_STRICT=1 $(PY) -m pytest -q tests
+	TERRA_STRICT=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The long fuzzing profile and the reliability figures (faults survived, RSS growth).
 fuzz: $(STAMP) proto

@@ -331,6 +331,12 @@ class StepRun:
     def _enter_node(self, trace, child: GraphNode, args):
         """Python reached `child`: dispatch what became ready, return placeholders."""
         op, pos = child.op, child.pos
+        for seg in self.program.dispatch_at.get(child, ()):
+            if not self._arguments_fit(seg):
+                self._diverge("a step argument is not the array the graph was built for (the "
+                              "arguments' structure, shapes or dtypes changed)",
+                              divergence.SHAPE, "arguments")
+                return None
         self.nodes.append(child)
         self.rec.ops.append(op)
         self.node = child
@@ -355,6 +361,18 @@ class StepRun:
             phs = [Placeholder(trace, aval, self, pos, o, v, region)
                    for o, (aval, v) in enumerate(zip(op.out_avals, outs))]
         return phs if op.multiple_results else phs[0]
+
+    def _arguments_fit(self, seg: Segment) -> bool:
+        """Whether the step arguments `seg` reads have the avals it was compiled for.
+
+        A segment can be dispatched before Python reaches the ops that read its
+        arguments (their validation comes later), so its arguments are checked
+        here: a call whose argument leaves moved (a list that grew) or changed
+        shape would otherwise run the executable on the wrong values."""
+        for (kind, a, _), aval in zip(seg.inputs, seg.in_avals):
+            if kind == ARG_IN and (a >= len(self.args) or _arg_aval(self, a) != aval):
+                return False
+        return True
 
     def _leave(self, child: GraphNode) -> None:
         """Undo entering `child`: Python's op runs eagerly in its place."""
@@ -1015,6 +1033,16 @@ class Pullback:
 def _deleted(x: Any) -> bool:
     """A deleted or donated array (a remote value is the executor's to check)."""
     return isinstance(x, jax.Array) and x.is_deleted()
+
+
+def _arg_aval(run: StepRun, a: int) -> Any:
+    aval = run.arg_avals[a]
+    if aval is None:  # not a jax.Array: a numpy array or a Python value
+        try:
+            aval = aval_of(run.args[a])
+        except TypeError:
+            return None
+    return aval
 
 
 def _inexact(x: Any) -> bool:

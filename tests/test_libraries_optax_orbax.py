@@ -12,7 +12,10 @@ from library_programs import check  # noqa: E402
 
 def test_optax_chain_schedule_multi_transform_multisteps_inject_hyperparams():
     res = check("optax_train")
-    assert res.stats.fallbacks == 0, res.describe()   # the changing lr is a live feed
+    # The first graph is built from one step: a Python number seen once is predicted
+    # (most are constants), so one that changes every step costs the step that saw
+    # it change; from then on it is fed live.
+    assert res.stats.fallbacks <= 1, res.describe()   # then the changing lr is a live feed
     assert "mini-step 1" in res.eager.stdout and "mini-step 0" in res.eager.stdout
 
 

@@ -71,7 +71,10 @@ def test_dropblock_terra_matches_eager():
     _, res = differential("dropblock")
     # keep_prob decays and DropBlock really dropped units
     assert "keep_prob 0.9250" in res.eager.stdout
-    assert res.stats.fallbacks == 0, res.describe()
+    # The first graph is built from one step: a Python number seen once is predicted
+    # (most are constants), so one that changes every step costs the step that saw
+    # it change; from then on it is fed live.
+    assert res.stats.fallbacks <= 1, res.describe()
 
 
 def test_dropblock_jit_raises():
