@@ -189,7 +189,7 @@ def write_table(table: str) -> None:
         "`terra.function` (strict mode, `TERRA_SYNC_COMPILE=1`) and found equal on printed\n"
         "output (with a digest of the objects' state after every step), returned values\n"
         "and the library objects' final state. \"co-executed\" counts the steps that ran\n"
-        "on the graph; the first two of every program are traced. A step that falls back\n"
+        "on the graph; the first of every program is traced. A step that falls back\n"
         "finishes eagerly, with eager's results, and the graph learns its path.\n\n"
         f"{table}\n\n"
         "## How\n\n"
