@@ -502,7 +502,7 @@ def _record(name: str, program: Program, res: harness.Differential) -> None:
         program=name, library=program.library, version=metadata.version(program.library),
         feature=program.feature, steps=res.eager.wrap.calls,
         coexecuted=res.stats.coexecuted, fallbacks=res.stats.fallbacks,
-        eager=res.eager.wrap.calls - res.stats.coexecuted - res.stats.traced,
+        eager=res.eager.wrap.calls - res.stats.coexecuted - res.stats.traced - res.stats.fallbacks,
         divergences=sorted({_short(s.last_divergence) for s in stats if s.last_divergence}),
         warnings=sorted({w for w in res.terra.warnings if w.startswith("TerraWarning")}),
     )
