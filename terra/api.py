@@ -62,6 +62,12 @@ def _unique_name(name: str) -> str:
     return name if k == 1 else f"{name}#{k}"
 
 
+def _require_bool(api: str, name: str, value: Any, hint: str = "") -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{api}: {name} must be True or False{hint}, "
+                        f"got {type(value).__name__} {value!r}")
+
+
 def _check_options(max_graphs: Any, max_paths: Any, strict: Any, executor: Any,
                    cache: Any = True, warmup_wait: Any = None) -> None:
     """Refuse what `terra.function` cannot use, naming the argument and what it accepts."""
@@ -76,9 +82,7 @@ def _check_options(max_graphs: Any, max_paths: Any, strict: Any, executor: Any,
     if strict is not None and not isinstance(strict, bool):
         raise TypeError(f"terra.function: strict must be True, False or None (TERRA_STRICT), "
                         f"got {type(strict).__name__} {strict!r}")
-    if not isinstance(cache, bool):
-        raise TypeError(f"terra.function: cache must be True or False (TERRA_CACHE), "
-                        f"got {type(cache).__name__} {cache!r}")
+    _require_bool("terra.function", "cache", cache, " (TERRA_CACHE)")
     if warmup_wait is not None and (isinstance(warmup_wait, bool)
                                     or not isinstance(warmup_wait, (int, float))
                                     or not warmup_wait >= 0):
@@ -570,9 +574,7 @@ def explain(fn: StepFunction | None = None, *, at_exit: bool = False, jit: bool 
     if fn is not None and not isinstance(fn, StepFunction):
         raise TypeError(f"terra.explain: fn must be a terra.function or None (every step "
                         f"function), got {type(fn).__name__} {fn!r}")
-    if not isinstance(at_exit, bool):
-        raise TypeError(f"terra.explain: at_exit must be True or False, "
-                        f"got {type(at_exit).__name__} {at_exit!r}")
+    _require_bool("terra.explain", "at_exit", at_exit)
     if at_exit:
         telemetry.enable(explain_at_exit=True)
     name = None if fn is None else fn.telemetry_name
