@@ -604,3 +604,12 @@ def assert_expert_matches_eager(module, eager_text: str, eager_params, run, step
     params = run(lambda fn: module.EXPERT_STEPS[fn.__name__], steps, lines.append)
     assert_same_text(eager_text, "\n".join(lines), "the expert version's log")
     assert_same_tree(eager_params, params, "the expert version's final parameters")
+
+
+def source_line(path: str, text: str) -> str:
+    """`path:N` of the first line of `path` holding `text` (not this lookup's own call)."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if text in line and "_line_of" not in line and "source_line" not in line:
+                return f"{path}:{n}"
+    raise AssertionError(f"{text!r} is not in {path}")

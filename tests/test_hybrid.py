@@ -19,6 +19,8 @@ import terra
 from terra import telemetry
 from terra.telemetry import events, hybrid
 
+import harness
+
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -26,11 +28,7 @@ import hybrid_check  # noqa: E402
 
 
 def _line_of(text: str) -> str:
-    with open(HERE, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if text in line and "_line_of" not in line:
-                return f"{HERE}:{n}"
-    raise AssertionError(text)
+    return harness.source_line(HERE, text)
 
 
 @pytest.fixture(autouse=True)

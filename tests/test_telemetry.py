@@ -25,17 +25,15 @@ from terra import telemetry
 from terra.telemetry import events, profiler, stream, watch
 from terra.telemetry.explain import ExplainSink
 
+import harness
+
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
 STEPS = 24
 
 
 def _line_of(text: str) -> str:
-    with open(HERE, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if text in line and "_line_of" not in line:
-                return f"{HERE}:{n}"
-    raise AssertionError(text)
+    return harness.source_line(HERE, text)
 
 
 BRANCH = _line_of("if loss > threshold:")
