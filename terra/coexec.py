@@ -331,7 +331,8 @@ class StepRun:
     def _enter_node(self, trace, child: GraphNode, args):
         """Python reached `child`: dispatch what became ready, return placeholders."""
         op, pos = child.op, child.pos
-        for seg in self.program.dispatch_at.get(child, ()):
+        ready = self.program.dispatch_at.get(child, ())
+        for seg in ready:
             if not self._arguments_fit(seg):
                 self._diverge("a step argument is not the array the graph was built for (the "
                               "arguments' structure, shapes or dtypes changed)",
@@ -344,7 +345,7 @@ class StepRun:
             outs = self._run_host_op(pos, op, args)
         else:
             outs = None
-        for seg in self.program.dispatch_at.get(child, ()):
+        for seg in ready:
             self._dispatch(seg)
         if self.deleted_input:  # the user's error, not Terra's: eager's op raises it
             self.deleted_input = False
